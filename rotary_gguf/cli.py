@@ -1,0 +1,145 @@
+"""The `rotary` command line: thin click commands over the library.
+
+Library errors (RotaryError) become one line on stderr and exit status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from rotary_gguf import __version__
+from rotary_gguf.errors import RotaryError
+from rotary_gguf.report import format_bytes, format_index
+from rotary_gguf.synth import PRESET_DEFAULT_TYPE, PRESETS, TYPE_NAMES
+
+HF_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+
+
+class _Failure(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"rotary: error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RotaryError as exc:
+            raise _Failure(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="rotary")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
+def main(verbose: bool) -> None:
+    """Run large Mixture-of-Experts GGUF models on small GPUs."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with every expert block).")
+def inspect(model: Path, as_json: bool) -> None:
+    """Show what MODEL holds: parameters, bytes per tensor class, per-expert block sizes.
+
+    Reads headers only; tensor data stays in the memory map.
+    """
+    from rotary_gguf.gguf import open_index
+
+    index = open_index(model).require_moe()
+    if as_json:
+        click.echo(json.dumps(index.to_json()))
+    else:
+        click.echo(format_index(index))
+
+
+class _ByteBar:
+    """A click progress bar fed with (done, total) byte counts, on stderr."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar, self.done = label, None, 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr,
+                                         show_eta=True, show_percent=True)
+            self.bar.__enter__()
+        self.bar.update(done - self.done)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
+              help="Model shapes: tiny (tests), small (CPU benchmarks), qwen3-30b-a3b (real shapes, ~17 GB).")
+@click.option("--type", "qtype", type=click.Choice(sorted(TYPE_NAMES)), default=None,
+              help="ggml type of the weights [default: f32 for tiny, q4_k otherwise].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def synth(out: Path, preset: str, qtype: str | None, seed: int, force: bool) -> None:
+    """Write a synthetic random-weight qwen3moe GGUF that llama.cpp loads and runs."""
+    from rotary_gguf.synth import synth_model
+
+    if out.exists() and not force:
+        raise _Failure(f"{out}: exists; pass --force to overwrite")
+    bar = _ByteBar(f"writing {out.name}")
+    try:
+        result = synth_model(out, PRESETS[preset], qtype or PRESET_DEFAULT_TYPE[preset], seed=seed,
+                             description=f"rotary synth {preset}", progress=bar)
+    finally:
+        bar.close()
+    click.echo(f"wrote {result.path} ({format_bytes(result.nbytes)}, preset {preset}, "
+               f"{result.qtype.name}, seed {seed}) in {result.seconds:.1f} s")
+
+
+@main.command("synth-hf")
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--model-type", type=click.Choice(HF_MODEL_TYPES), default="qwen3_moe", show_default=True)
+@click.option("--dtype", type=click.Choice(["bf16", "f16", "f32"]), default="bf16", show_default=True)
+@click.option("--config-style", type=click.Choice(["v4", "v5"]), default="v4", show_default=True,
+              help="transformers 4.x keys (num_experts, rope_theta, torch_dtype) or 5.x keys.")
+@click.option("--shards", type=int, default=1, show_default=True, help="Number of safetensors files.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth_hf(out_dir: Path, model_type: str, dtype: str, config_style: str, shards: int, seed: int) -> None:
+    """Write a tiny random HF checkpoint (config.json, safetensors, tokenizer) for converter tests."""
+    from rotary_gguf.synth.hf import write_hf_checkpoint
+
+    files = write_hf_checkpoint(out_dir, model_type, dtype=dtype, config_style=config_style,
+                                shards=shards, seed=seed)
+    click.echo(f"wrote {out_dir}: {', '.join(sorted(f.name for f in files))}")
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
+@click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=24, show_default=True)
+def demo(preset: str, n_tokens: int) -> None:
+    """The embedded default: synthesize a MoE model into the cache, inspect it, generate tokens on llama.cpp."""
+    from rotary_gguf.demo import run_demo
+
+    bar = _ByteBar("synthesizing the demo model")
+    try:
+        result = run_demo(preset, n_tokens, progress=bar)
+    finally:
+        bar.close()
+    g = result.generation
+    click.echo(("synthesized " if result.synthesized else "cached ") + f"{result.model}\n")
+    click.echo(format_index(result.index))
+    click.echo(f"\nllama.cpp (CPU) prompt {g.prompt_tokens} tokens in {g.prompt_seconds * 1000:.0f} ms; "
+               f"generated {len(g.tokens)} tokens at {g.decode_tokens_per_second:.1f} tok/s"
+               + (" (stopped at end-of-generation)" if g.stopped_at_eos else ""))
+    click.echo(f"text (random weights, so noise): {g.text!r}")
+
+
+if __name__ == "__main__":
+    main()
