@@ -53,7 +53,7 @@ def format_index(index: ModelIndex) -> str:
         "",
         f"one expert     {per_proj}  = {format_bytes(index.max_expert_bytes)} (largest layer)",
         f"one token      reads {p.n_expert_used} experts x {len(index.moe_layers)} layers "
-        f"= {format_bytes(p.n_expert_used * sum(index.expert_bytes(l) for l in index.moe_layers))}",
+        f"= {format_bytes(p.n_expert_used * sum(index.expert_bytes(layer) for layer in index.moe_layers))}",
         f"must be VRAM   {format_bytes(index.vram_resident_bytes)} "
         "(attention, norms, routers, shared experts, output head, other)",
         f"can be host    {format_bytes(index.host_capable_bytes)} (routed experts and their biases, token embedding)",

@@ -36,7 +36,7 @@ def corpus() -> list[str]:
     paragraphs = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) > 40]
     chat = [
         f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n"
-        for q, a in zip(paragraphs[::2][:400], paragraphs[1::2][:400])
+        for q, a in zip(paragraphs[::2][:400], paragraphs[1::2][:400], strict=False)
     ]
     return texts + chat
 

@@ -8,7 +8,8 @@ deviation. This writes a 17 GB Q4_K model at disk speed; quantizing float weight
 from __future__ import annotations
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
 
 from rotary_gguf.errors import SynthError
 

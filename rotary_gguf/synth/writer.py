@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter, LlamaFileType
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import quant_shape_to_byte_shape
 
 from rotary_gguf.errors import SynthError
