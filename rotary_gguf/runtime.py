@@ -78,3 +78,13 @@ def _is_end_of_generation(llm, token: int) -> bool:
     import llama_cpp
 
     return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
+
+
+def last_logits(llm):
+    """Logits of the last evaluated token, read from llama.cpp (llama-cpp-python keeps them only with
+    logits_all)."""
+    import llama_cpp
+    import numpy as np
+
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()

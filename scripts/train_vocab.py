@@ -5,7 +5,7 @@ Trained with HF `tokenizers` on text found on any Debian machine with Python: th
 (prose), a fixed list of standard-library modules (code) and ChatML-formatted turns built from both
 (chat). Run once; the output is committed so that synthesis needs no trainer and is reproducible:
 
-    pip install tokenizers && python scripts/train_vocab.py
+    .venv/bin/python scripts/train_vocab.py   (needs the test extras: tokenizers)
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import json
 import sysconfig
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from rotary_gguf.synth.vocab import QWEN2_SPLIT
 
 VOCAB_SIZE = 1024
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -43,7 +45,10 @@ def corpus() -> list[str]:
 
 def main() -> None:
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from rotary_gguf.errors import SynthError
-from rotary_gguf.synth.vocab import CHAT_TEMPLATE, embedded_vocabulary
+from rotary_gguf.synth.vocab import CHAT_TEMPLATE, QWEN2_SPLIT, embedded_vocabulary
 
 # The shapes every tiny checkpoint shares (small enough for a unit test, large enough for GQA and top-k).
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, top_k=2, ff=32, shared_ff=48)
@@ -124,8 +124,10 @@ def _tokenizer_files(out: Path) -> list[Path]:
               "normalized": False, "special": True} for tok in vocab.special_tokens]
     tokenizer = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
-                          "use_regex": True},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        ]},
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,

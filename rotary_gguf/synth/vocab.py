@@ -9,6 +9,12 @@ from importlib import resources
 
 from gguf import GGUFWriter, TokenType
 
+# The split that llama.cpp's "qwen2" pre-tokenizer applies (and Qwen's tokenizer.json declares).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # Qwen's ChatML template (system prompt optional, generation prompt on request).
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"

@@ -1,0 +1,44 @@
+"""Fixtures: tiny synthetic models generated into a session temp folder, run by the real llama.cpp."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rotary_gguf.synth import PRESETS, ModelSpec, synth_model
+
+TINY = PRESETS["tiny"]
+# Rows of 256 so that every type, K-quants included, stores the experts without fallback.
+WIDE = replace(TINY, n_embd=256, n_ff_exp=256, head_dim=64)
+ARCH_SPECS: dict[str, ModelSpec] = {
+    "qwen3moe": TINY,
+    "qwen2moe": replace(TINY, arch="qwen2moe", n_ff_shexp=48),
+    "llama": replace(TINY, arch="llama"),
+    "olmoe": replace(TINY, arch="olmoe", n_head_kv=4),
+    "gpt-oss": replace(TINY, arch="gpt-oss"),
+}
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir: Path) -> Path:
+    return synth_model(models_dir / "tiny-f32.gguf", TINY, "f32", seed=1).path
+
+
+@pytest.fixture(scope="session")
+def wide_models(models_dir: Path) -> dict[str, Path]:
+    """The WIDE spec in each ggml type the index must split byte-exactly."""
+    return {q: synth_model(models_dir / f"wide-{q}.gguf", WIDE, q, seed=2).path
+            for q in ("f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k")}
+
+
+@pytest.fixture(scope="session")
+def arch_models(models_dir: Path) -> dict[str, Path]:
+    return {arch: synth_model(models_dir / f"{arch}.gguf", spec, "q8_0", seed=3).path
+            for arch, spec in ARCH_SPECS.items()}

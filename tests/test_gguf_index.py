@@ -1,0 +1,172 @@
+"""The expert index against gguf-py's own view of the same files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGUFReader, GGUFWriter
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize
+
+from rotary_gguf.gguf import TensorClass, classify, open_index
+
+
+def _whole_tensor(reader: GGUFReader, name: str) -> np.ndarray:
+    t = next(t for t in reader.tensors if t.name == name)
+    return dequantize(t.data, t.tensor_type)
+
+
+@pytest.mark.parametrize("qtype", ["f32", "f16", "q8_0", "q4_0", "q4_k", "q6_k"])
+def test_expert_block_is_byte_exact_slice(wide_models, qtype):
+    path = wide_models[qtype]
+    index = open_index(path)
+    reader = GGUFReader(path)
+    raw = np.memmap(path, mode="r")
+    for proj in ("gate", "up", "down"):
+        blocks = [b for b in index.experts if b.layer == 1 and b.proj == proj]
+        assert [b.expert for b in blocks] == list(range(index.params.n_expert))
+        block = blocks[5]
+        assert block.type.name == qtype.upper()
+        whole = _whole_tensor(reader, f"blk.1.ffn_{proj}_exps.weight")  # numpy (expert, rows, cols)
+        piece = np.asarray(raw[block.offset:block.offset + block.nbytes])
+        if block.type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            piece = piece.view(np.float32 if block.type == GGMLQuantizationType.F32 else np.float16)
+        alone = dequantize(piece, block.type).reshape(whole.shape[1:])
+        np.testing.assert_array_equal(alone, whole[5])
+        assert np.abs(alone).max() > 0
+
+
+def test_counts_and_bytes_match_gguf_reader(wide_models):
+    path = wide_models["q4_k"]
+    index = open_index(path)
+    reader = GGUFReader(path)
+    assert len(index.tensors) == len(reader.tensors)
+    by_name = {t.name: t for t in reader.tensors}
+    for entry in index.tensors:
+        t = by_name[entry.name]
+        assert (entry.offset, entry.nbytes, entry.type) == (t.data_offset, t.n_bytes, t.tensor_type)
+        assert entry.shape == tuple(int(d) for d in t.shape)
+    assert sum(index.bytes_by_class.values()) == sum(int(t.n_bytes) for t in reader.tensors)
+    assert index.bytes_by_class["routed_expert"] == sum(b.nbytes for b in index.experts)
+    assert index.vram_resident_bytes + index.host_capable_bytes == sum(index.bytes_by_class.values())
+    per_layer = sum(sum(v.values()) for v in index.bytes_by_layer.values())
+    global_bytes = sum(t.nbytes for t in index.tensors if t.layer is None)
+    assert per_layer + global_bytes == sum(index.bytes_by_class.values())
+
+
+def test_params_from_metadata(tiny_model):
+    p = open_index(tiny_model).params
+    assert (p.arch, p.n_layer, p.n_expert, p.n_expert_used) == ("qwen3moe", 2, 8, 2)
+    assert (p.n_embd, p.n_ff_exp, p.n_head, p.n_head_kv, p.head_dim_k, p.n_vocab) == (64, 32, 4, 2, 16, 1024)
+
+
+def test_expert_bytes_sum_projections(tiny_model):
+    index = open_index(tiny_model)
+    per_proj = index.expert_bytes_by_proj
+    assert set(per_proj) == {"gate", "up", "down"}
+    assert index.expert_bytes(0) == sum(per_proj.values()) == 3 * 64 * 32 * 4
+    assert len(index.expert_blocks(1, 7)) == 3
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "olmoe", "gpt-oss"])
+def test_architectures(arch_models, arch):
+    index = open_index(arch_models[arch])
+    assert index.params.arch == arch
+    assert index.moe_layers == (0, 1)
+    assert index.bytes_by_class["other"] == 0, [t.name for t in index.tensors if t.cls is TensorClass.OTHER]
+    weights = [b for b in index.experts if b.part == "weight"]
+    assert len(weights) == 2 * 8 * 3
+    assert index.params.n_ff_exp == 32
+    if arch == "qwen2moe":
+        assert index.bytes_by_class["shared_expert"] > 0 and index.params.n_ff_shexp == 48
+    if arch == "gpt-oss":
+        biases = [b for b in index.experts if b.part == "bias"]
+        assert len(biases) == 2 * 8 * 3 and index.bytes_by_class["expert_bias"] > 0
+        assert index.expert_bytes(0) == sum(b.nbytes for b in index.expert_blocks(0, 0))
+        assert classify("blk.3.attn_sinks.weight")[0] is TensorClass.ATTENTION
+
+
+@pytest.mark.parametrize("name, cls, layer", [
+    ("token_embd.weight", TensorClass.TOKEN_EMBEDDING, None),
+    ("output.weight", TensorClass.OUTPUT_HEAD, None),
+    ("output_norm.weight", TensorClass.NORM, None),
+    ("blk.7.attn_qkv.weight", TensorClass.ATTENTION, 7),
+    ("blk.7.attn_q_norm.weight", TensorClass.NORM, 7),
+    ("blk.7.ffn_gate_inp.weight", TensorClass.ROUTER, 7),
+    ("blk.7.exp_probs_b.bias", TensorClass.ROUTER, 7),
+    ("blk.7.ffn_gate_inp_shexp.weight", TensorClass.SHARED_EXPERT, 7),
+    ("blk.7.ffn_down_shexp.weight", TensorClass.SHARED_EXPERT, 7),
+    ("blk.7.ffn_gate_up_exps.weight", TensorClass.ROUTED_EXPERT, 7),
+    ("blk.7.ffn_down_exps.bias", TensorClass.EXPERT_BIAS, 7),
+    ("blk.7.ffn_down_exps.scale", TensorClass.EXPERT_BIAS, 7),
+    ("blk.7.ffn_up_chexps.weight", TensorClass.ROUTED_EXPERT, 7),
+    ("blk.0.ffn_down.weight", TensorClass.DENSE_FFN, 0),
+    ("blk.0.ssm_in.weight", TensorClass.OTHER, 0),
+    ("mystery", TensorClass.OTHER, None),
+])
+def test_classify(name, cls, layer):
+    got_cls, got_layer, _, _ = classify(name)
+    assert (got_cls, got_layer) == (cls, layer)
+
+
+def _write_custom(path, tensors, arch="llama", n_expert=4):
+    writer = GGUFWriter(path, arch)
+    writer.add_block_count(1)
+    writer.add_expert_count(n_expert)
+    writer.add_expert_used_count(2)
+    writer.add_embedding_length(32)
+    for name, array in tensors:
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_fused_gate_up_and_legacy_per_expert_tensors(tmp_path):
+    rng = np.random.default_rng(0)
+    fused = rng.standard_normal((4, 64, 32), dtype=np.float32)  # numpy order: experts, 2*ff, embd
+    legacy = [(f"blk.1.ffn_down.{e}.weight", rng.standard_normal((32, 32), dtype=np.float32)) for e in range(4)]
+    path = tmp_path / "custom.gguf"
+    _write_custom(path, [("blk.0.ffn_gate_up_exps.weight", fused), *legacy])
+    index = open_index(path)
+    fused_blocks = [b for b in index.experts if b.proj == "gate_up"]
+    assert [b.nbytes for b in fused_blocks] == [64 * 32 * 4] * 4
+    raw = np.memmap(path, mode="r")
+    b = fused_blocks[2]
+    np.testing.assert_array_equal(raw[b.offset:b.offset + b.nbytes].view(np.float32).reshape(64, 32), fused[2])
+    down = [b for b in index.experts if b.proj == "down"]
+    assert [(b.layer, b.expert) for b in down] == [(1, e) for e in range(4)]
+    assert index.params.n_ff_exp == 32
+
+
+def test_dense_model_is_not_moe(tmp_path):
+    path = tmp_path / "dense.gguf"
+    _write_custom(path, [("blk.0.ffn_up.weight", np.zeros((64, 32), np.float32))], n_expert=0)
+    index = open_index(path)
+    assert not index.is_moe
+    with pytest.raises(Exception, match="dense model"):
+        index.require_moe()
+
+
+def test_json_has_documented_fields(tiny_model):
+    data = open_index(tiny_model).to_json()
+    for key in ("arch", "n_layer", "n_expert", "n_expert_used", "bytes_by_class", "expert_bytes", "experts"):
+        assert key in data
+    block = data["experts"][0]
+    assert set(block) >= {"layer", "expert", "proj", "offset", "nbytes", "type"}
+    assert data["expert_bytes"] == 3 * 64 * 32 * 4
+
+
+def test_long_metadata_arrays_keep_their_values(models_dir):
+    """The fast path for long arrays must give what gguf-py gives for numeric arrays."""
+    from dataclasses import replace
+
+    from rotary_gguf.gguf import _CheckedReader
+    from rotary_gguf.synth import PRESETS, synth_model
+
+    path = synth_model(models_dir / "padded.gguf", replace(PRESETS["tiny"], n_vocab=3000), "f32").path
+    ours, theirs = _CheckedReader(path), GGUFReader(path)
+    key = "tokenizer.ggml.token_type"
+    assert ours.fields[key].contents() == theirs.fields[key].contents()
+    assert open_index(path).metadata["tokenizer.ggml.tokens"] == "<array of 3000 string>"
