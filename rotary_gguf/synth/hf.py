@@ -24,14 +24,14 @@ _DTYPES = {"f32": ("F32", "float32"), "f16": ("F16", "float16"), "bf16": ("BF16"
 
 
 def _config(model_type: str, dtype: str, style: str, vocab: int) -> dict:
-    t = TINY
+    t, vocab_ids = TINY, embedded_vocabulary()
     cfg = {
         "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
         "hidden_size": t["hidden"], "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"],
         "num_key_value_heads": t["kv_heads"], "head_dim": t["head_dim"], "vocab_size": vocab,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
         "num_experts_per_tok": t["top_k"], "hidden_act": "silu",
-        "bos_token_id": 0, "eos_token_id": 2,
+        "bos_token_id": vocab_ids.id_of("<|endoftext|>"), "eos_token_id": vocab_ids.id_of("<|im_end|>"),
     }
     experts_key = "num_local_experts" if model_type == "mixtral" or style == "v5" else "num_experts"
     cfg[experts_key] = t["experts"]
