@@ -43,7 +43,7 @@ def _truncate(path, keep):
 
 
 CASES = {
-    "not-gguf": (lambda p: p.write_bytes(b"PK\x03\x04 this is a zip file, not a model" * 4), NotGGUFError, "not a GGUF"),
+    "not-gguf": (lambda p: p.write_bytes(b"PK\x03\x04 a zip file, not a model" * 4), NotGGUFError, "not a GGUF"),
     "empty": (lambda p: p.write_bytes(b""), NotGGUFError, "too short"),
     "truncated-header": (lambda p: _truncate(p, lambda n: 200), MalformedGGUFError, "truncated or corrupt"),
     "truncated-data": (lambda p: _truncate(p, lambda n: n - 1000), MalformedGGUFError, "runs past the end"),
