@@ -9,6 +9,7 @@ a tensor whose last ggml dimension counts experts is the contiguous range
 from __future__ import annotations
 
 import enum
+import math
 import os
 import re
 import struct
@@ -82,6 +83,7 @@ _LAYER_PREFIX = "blk.{bid}."
 # Older Mixtral GGUFs store one 2-D tensor per expert: blk.N.ffn_gate.E.weight.
 _LEGACY_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|bias|scale)$")
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+_GGML_MAX_DIMS = 4
 _FAST_ARRAY_MIN = 1024  # metadata arrays at least this long are read in one step
 
 
@@ -313,12 +315,16 @@ class _CheckedReader(GGUFReader):
                 ) from None
             block, type_size = GGML_QUANT_SIZES[qtype]
             ne = [int(d) for d in dims]
-            if ne and ne[0] % block:
+            if not 1 <= len(ne) <= _GGML_MAX_DIMS:
+                raise MalformedGGUFError(
+                    f"{self._path}: tensor {name!r} has {len(ne)} dimensions (ggml allows 1 to {_GGML_MAX_DIMS})"
+                )
+            if ne[0] % block:
                 raise MalformedGGUFError(
                     f"{self._path}: tensor {name!r} row length {ne[0]} is not a multiple of "
                     f"the {qtype.name} block size {block}"
                 )
-            nbytes = int(np.prod(ne, dtype=np.uint64)) * type_size // block
+            nbytes = math.prod(ne) * type_size // block  # Python ints: hostile shapes cannot overflow
             rel = int(offset[0])
             if rel % self.alignment:
                 raise MalformedGGUFError(

@@ -99,3 +99,22 @@ def test_dense_model_to_experts_view(tmp_path):
         open_index(path).require_moe()
     result = CliRunner().invoke(main, ["inspect", "--json", str(path)])
     assert result.exit_code == 2 and "dense model" in result.stderr and result.stdout == ""
+
+
+def test_hostile_shape_cannot_overflow(tiny_model, tmp_path):
+    path = _copy(tiny_model, tmp_path)
+    reader, field = _tensor_field(path, "blk.0.ffn_gate_exps.weight")
+    field.parts[3][:] = [1 << 40, 1 << 40, 1 << 40]  # 2**120 elements: wraps around in uint64
+    reader.data.flush()
+    with pytest.raises(MalformedGGUFError, match="runs past the end"):
+        open_index(path)
+
+
+def test_duplicate_tensor_names(tiny_model, tmp_path):
+    path = _copy(tiny_model, tmp_path)
+    reader, q = _tensor_field(path, "blk.0.attn_q.weight")
+    k = next(t for t in reader.tensors if t.name == "blk.0.attn_k.weight").field
+    k.parts[1][:] = q.parts[1]  # same length: rename attn_k to attn_q in place
+    reader.data.flush()
+    with pytest.raises(MalformedGGUFError, match="duplicated tensor"):
+        open_index(path)
