@@ -130,3 +130,17 @@ def test_padded_vocabulary_loads_and_tokenizes_like_hf_tokenizers(models_dir):
         ours = llm.tokenize(text.encode(), add_bos=False, special=True)
         assert ours == hf.encode(text).ids, text
         assert llm.detokenize(ours, special=True).decode() == text
+
+
+def test_real_shapes_run_in_llama_cpp(tmp_path):
+    """One layer of the qwen3-30b-a3b preset (real per-layer shapes and 151,936-token vocabulary, Q4_K)
+    loads and decodes in llama.cpp, so the full 48-layer file is a valid benchmark model."""
+    spec = replace(PRESETS["qwen3-30b-a3b"], n_layer=1)
+    path = synth_model(tmp_path / "q30-1layer.gguf", spec, "q4_k").path
+    index = open_index(path)
+    assert index.max_expert_bytes == 3 * 2048 * 768 // 256 * 144
+    llm = runtime.load(path, n_ctx=256)
+    generation = runtime.generate(llm, PROMPT, 4)
+    assert len(generation.tokens) >= 1 or generation.stopped_at_eos
+    logits = runtime.last_logits(llm)
+    assert logits.shape == (151936,) and np.isfinite(logits).all()
