@@ -1,0 +1,1 @@
+"""Packaged hardware profiles (YAML files beside this module)."""
