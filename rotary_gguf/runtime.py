@@ -1,33 +1,204 @@
 """The llama.cpp runtime: the only module that imports llama_cpp.
 
-For now it loads a GGUF on the CPU and generates tokens; placement overrides and the scheduler
-plugin attach here.
+Loads a GGUF through llama-cpp-python 0.3.36 with a placement applied as
+`llama_model_params.tensor_buft_overrides` (ARCHITECTURE.md section 3), captures llama.cpp's own
+accounting of the buffers it allocates, and generates tokens. Works unchanged with a CUDA build of
+llama-cpp-python or a CUDA libllama given by LLAMA_CPP_LIB_PATH.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import logging
 import os
+import re
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from rotary_gguf.errors import RuntimeLoadError
+from rotary_gguf.plan import Placement
+
+log = logging.getLogger(__name__)
+llama_log = logging.getLogger("llama.cpp")
+
+GPU_DEVICE, CPU_DEVICE = 1, 0  # enum ggml_backend_dev_type
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+_BUFFER_LINE = re.compile(r"^(\w+): +(\S+) +(model|KV|compute|output|RS) buffer size = +([0-9.]+) MiB")
 
 
 @dataclass(frozen=True)
-class Generation:
-    """Tokens generated greedily after a prompt, with llama.cpp's wall-clock timings."""
+class Buffer:
+    """One buffer llama.cpp reports at load: kind (model, KV, compute, output), buffer type name, bytes."""
 
-    prompt_tokens: int
-    tokens: tuple[int, ...]
-    text: str
-    prompt_seconds: float
-    decode_seconds: float
-    stopped_at_eos: bool
+    kind: str
+    name: str
+    nbytes: int
 
     @property
-    def decode_tokens_per_second(self) -> float:
-        return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+    def on_host(self) -> bool:
+        return self.name.upper().startswith("CPU")
+
+
+class _LogCapture:
+    """llama.cpp's log callback, routed to the `llama.cpp` logger and captured while a load runs."""
+
+    def __init__(self, llama_cpp: Any) -> None:
+        self._lines: list[str] | None = None
+        self._partial = ""
+        self._lock = threading.Lock()
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            self._on_text(text.decode("utf-8", errors="replace"))
+
+        self._callback = callback  # keep the ctypes thunk alive
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+    def _on_text(self, text: str) -> None:
+        self._partial += text
+        while "\n" in self._partial:
+            line, self._partial = self._partial.split("\n", 1)
+            llama_log.debug("%s", line)
+            if self._lines is not None:
+                self._lines.append(line)
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[str]]:
+        with self._lock:
+            self._lines = lines = []
+            try:
+                yield lines
+            finally:
+                self._lines = None
+
+
+_state: dict[str, Any] = {}
+
+
+def _llama_cpp() -> Any:
+    """llama_cpp, imported once, with rotary's log callback installed."""
+    if "module" not in _state:
+        import llama_cpp
+
+        _state["module"] = llama_cpp
+        _state["log"] = _LogCapture(llama_cpp)
+    return _state["module"]
+
+
+def library_dir() -> Path:
+    """Where libllama and the ggml libraries come from: LLAMA_CPP_LIB_PATH or the llama_cpp package."""
+    override = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if override:
+        return Path(override)
+    return Path(_llama_cpp().__file__).parent / "lib"
+
+
+def _ggml() -> ctypes.CDLL:
+    """libggml.so.0 and libggml-cpu.so.0 (the .so.0 copies libllama links: other copies are a second ggml)."""
+    if "ggml" not in _state:
+        folder = library_dir()
+        libs = {}
+        for name in ("libggml-base.so.0", "libggml.so.0", "libggml-cpu.so.0"):
+            path = folder / name
+            try:
+                libs[name] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            except OSError as exc:
+                raise RuntimeLoadError(f"{path}: cannot load ggml library: {exc}") from None
+        ggml, cpu = libs["libggml.so.0"], libs["libggml-cpu.so.0"]
+        for fn, restype, argtypes in (
+            (ggml.ggml_backend_dev_by_type, ctypes.c_void_p, [ctypes.c_int]),
+            (ggml.ggml_backend_dev_buffer_type, ctypes.c_void_p, [ctypes.c_void_p]),
+            (ggml.ggml_backend_dev_description, ctypes.c_char_p, [ctypes.c_void_p]),
+            (cpu.ggml_backend_cpu_buffer_type, ctypes.c_void_p, []),
+        ):
+            fn.restype, fn.argtypes = restype, argtypes
+        _state["ggml"], _state["ggml_cpu"] = ggml, cpu
+    return _state["ggml"]
+
+
+def gpu_device_name() -> str | None:
+    """The first GPU device of the loaded llama.cpp build, or None for a CPU-only build."""
+    _llama_cpp().llama_backend_init()
+    dev = _ggml().ggml_backend_dev_by_type(GPU_DEVICE)
+    return _state["ggml"].ggml_backend_dev_description(dev).decode() if dev else None
+
+
+class _Override(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _override_array(placement: Placement) -> ctypes.Array | None:
+    """The NULL-terminated llama_model_tensor_buft_override array of a placement (None: no overrides)."""
+    if not placement.overrides:
+        return None
+    ggml = _ggml()
+    cpu = _state["ggml_cpu"].ggml_backend_cpu_buffer_type()
+    gpu_dev = ggml.ggml_backend_dev_by_type(GPU_DEVICE)
+    gpu = ggml.ggml_backend_dev_buffer_type(gpu_dev) if gpu_dev else cpu
+    entries = [(o.pattern.encode(), cpu if o.buffer == "CPU" else gpu) for o in placement.overrides]
+    array = (_Override * (len(entries) + 1))(*entries, (None, None))
+    return array
+
+
+@contextlib.contextmanager
+def _model_params_with(overrides: ctypes.Array | None, no_alloc: bool = False) -> Iterator[None]:
+    """llama-cpp-python's Llama never sets tensor_buft_overrides (its field is 'unused'): hand it default
+    params that already carry ours while the model loads."""
+    llama_cpp = _llama_cpp()
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def default_params() -> Any:
+        params = original()
+        if overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        params.no_alloc = no_alloc
+        if overrides is not None:
+            # Overrides to the CPU buffer type still pick the CPU's repacking buffer types (llama.cpp
+            # src/llama-model-loader.cpp, "check overrides"), which copy the experts out of the mmap.
+            params.use_extra_bufts = False
+        return params
+
+    module.llama_model_default_params = default_params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original
+
+
+@dataclass
+class LoadedModel:
+    """A llama_cpp.Llama with the placement it was loaded with and llama.cpp's buffer accounting."""
+
+    llm: Any
+    path: Path
+    placement: Placement | None
+    buffers: tuple[Buffer, ...]
+    gpu: str | None
+    load_seconds: float
+    rss_before_load: int
+    _keepalive: Any = field(default=None, repr=False)
+
+    def buffer_bytes(self, *, host: bool | None = None, kind: str | None = None) -> int:
+        return sum(b.nbytes for b in self.buffers
+                   if (host is None or b.on_host == host) and (kind is None or b.kind == kind))
+
+
+def parse_buffers(lines: list[str]) -> tuple[Buffer, ...]:
+    """Buffer sizes from llama.cpp's load log ('load_tensors: CPU_Mapped model buffer size = 1.00 MiB')."""
+    found = []
+    for line in lines:
+        m = _BUFFER_LINE.match(line.strip())
+        if m:
+            found.append(Buffer(m.group(3), m.group(2), round(float(m.group(4)) * 2**20)))
+    return tuple(found)
 
 
 def default_threads() -> int:
@@ -37,54 +208,130 @@ def default_threads() -> int:
     return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
 
 
-def load(path: str | os.PathLike[str], *, n_ctx: int = 512, n_threads: int | None = None, seed: int = 0):
-    """Load a GGUF with llama-cpp-python (CPU or whatever build is installed); returns a llama_cpp.Llama."""
-    import llama_cpp
+def rss_bytes() -> int:
+    import psutil
 
+    return psutil.Process().memory_info().rss
+
+
+def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_ctx: int = 512,
+         n_threads: int | None = None, n_batch: int = 512, n_ubatch: int = 512, flash_attn: bool = False,
+         kv_cache_type: str = "f16", seed: int = 0, no_alloc: bool = False) -> LoadedModel:
+    """Load a GGUF with the placement's overrides and GPU layers (no placement: llama.cpp's defaults, CPU).
+
+    `no_alloc=True` is llama.cpp's dry run: buffers are sized and reported but not allocated (the model
+    cannot generate).
+    """
+    llama_cpp = _llama_cpp()
     path = Path(path)
     threads = n_threads or default_threads()
-    try:
-        return llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-            seed=seed, verbose=False,
-        )
-    except (ValueError, RuntimeError) as exc:
-        raise RuntimeLoadError(f"{path}: llama.cpp could not load the model ({exc})") from None
-
-
-def generate(llm, prompt: str, max_tokens: int) -> Generation:
-    """Greedy decode of up to max_tokens after prompt; stops early at the model's end-of-generation token."""
-    prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-    llm.reset()
+    overrides = _override_array(placement) if placement else None
+    gpu = gpu_device_name()
+    rss = rss_bytes()
     started = time.perf_counter()
-    llm.eval(prompt_ids)
+    with _state["log"].capture() as lines, _model_params_with(overrides, no_alloc):
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                n_batch=n_batch, n_ubatch=min(n_ubatch, n_batch), flash_attn=flash_attn,
+                type_k=KV_TYPES[kv_cache_type], type_v=KV_TYPES[kv_cache_type],
+                n_gpu_layers=placement.n_gpu_layers if placement else 0, seed=seed, verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            reason = next((line for line in reversed(lines) if "error" in line.lower()), str(exc))
+            raise RuntimeLoadError(f"{path}: llama.cpp could not load the model: {reason.strip()}") from None
+    return LoadedModel(llm, path, placement, parse_buffers(lines), gpu, time.perf_counter() - started, rss,
+                       overrides)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Tokens generated after a prompt, with wall-clock timings."""
+
+    prompt_tokens: int
+    tokens: tuple[int, ...]
+    text: str
+    prompt_seconds: float
+    decode_seconds: float
+    stopped_at_eos: bool
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def generate(llm: Any, prompt: str, max_tokens: int, *, temp: float = 0.0, seed: int = 0,
+             stream: Any = None, keep_state: bool = False) -> Generation:
+    """Decode up to max_tokens after prompt (greedy at temp 0), stopping at an end-of-generation token.
+
+    `stream(text)` receives text pieces as they are decoded (whole UTF-8 characters only).
+    `keep_state=True` reuses the KV cache for the prompt's longest common prefix with what was evaluated.
+    """
+    prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    return generate_ids(llm, prompt_ids, max_tokens, temp=temp, seed=seed, stream=stream, keep_state=keep_state)
+
+
+def _common_prefix(a: list[int], b: Any) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: float = 0.0, seed: int = 0,
+                 stream: Any = None, keep_state: bool = False) -> Generation:
+    llama_cpp = _llama_cpp()
+    reuse = _common_prefix(prompt_ids, llm.input_ids[: llm.n_tokens]) if keep_state else 0
+    reuse = min(reuse, len(prompt_ids) - 1)  # evaluate at least one token to get fresh logits
+    llm.n_tokens = max(reuse, 0)
+    if not keep_state:
+        llm.reset()
+    llm.set_seed(seed)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    started = time.perf_counter()
+    llm.eval(prompt_ids[llm.n_tokens:])
     prompt_seconds = time.perf_counter() - started
     tokens: list[int] = []
+    pending = b""
     stopped = False
     started = time.perf_counter()
-    while len(tokens) < max_tokens:
-        token = llm.sample(temp=0.0)
-        if llm.token_eos() == token or _is_end_of_generation(llm, token):
-            stopped = True
-            break
-        tokens.append(token)
-        llm.eval([token])
-    decode_seconds = time.perf_counter() - started
+    try:
+        while len(tokens) < max_tokens:
+            token = llm.sample(temp=temp, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                stopped = True
+                break
+            tokens.append(token)
+            if stream is not None:
+                pending += llm.detokenize([token], prev_tokens=tokens[:-1])
+                text, pending = _complete_utf8(pending)
+                if text:
+                    stream(text)
+            llm.eval([token])
+    finally:
+        decode_seconds = time.perf_counter() - started
     text = llm.detokenize(tokens).decode("utf-8", errors="replace")
     return Generation(len(prompt_ids), tuple(tokens), text, prompt_seconds, decode_seconds, stopped)
 
 
-def _is_end_of_generation(llm, token: int) -> bool:
-    import llama_cpp
+def _complete_utf8(data: bytes) -> tuple[str, bytes]:
+    """Split bytes into the decodable text and an incomplete trailing UTF-8 sequence."""
+    for cut in range(len(data), max(len(data) - 4, -1), -1):
+        try:
+            return data[:cut].decode("utf-8"), data[cut:]
+        except UnicodeDecodeError:
+            continue
+    return data.decode("utf-8", errors="replace"), b""
 
-    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
 
-
-def last_logits(llm):
+def last_logits(llm: Any) -> np.ndarray:
     """Logits of the last evaluated token, read from llama.cpp (llama-cpp-python keeps them only with
     logits_all)."""
-    import llama_cpp
-    import numpy as np
-
-    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    ptr = _llama_cpp().llama_get_logits_ith(llm.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()

@@ -1,0 +1,223 @@
+"""The VRAM budget planner: pure functions from a model index and a profile to a placement.
+
+VRAM is spent on the part that must be there first (attention, norms, routers, shared experts, output
+head; the KV cache for the context; the compute buffer; the GPU runtime's own overhead), then on whole
+layers of routed experts. Experts that do not fit stay in the memory-mapped GGUF in host RAM, which
+llama.cpp is told through tensor buffer-type overrides. The token embedding stays on the host, as
+llama.cpp keeps it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from rotary_gguf.errors import RotaryError
+from rotary_gguf.gguf import ModelIndex, TensorClass
+from rotary_gguf.profile import Profile
+
+STRATEGIES = ("layer-fill", "experts-on-host")
+LAYER_ORDERS = ("first", "last")  # which layers' experts get VRAM first
+# Bytes per element of each KV cache type (block types: block bytes / 32 elements).
+KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
+                        "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+# Matches every routed-expert tensor of a layer: stacked (also fused gate_up and chunked), and the older
+# one-tensor-per-expert layout. Extends llama.cpp's --cpu-moe pattern (common/common.h).
+_EXPERT_SUFFIX = r"\.(ffn_(up|down|gate|gate_up)_(ch|)exps|ffn_(up|down|gate)\.[0-9]+\.)"
+_HOST_CLASSES = (TensorClass.ROUTED_EXPERT, TensorClass.EXPERT_BIAS)
+
+
+class PlanError(RotaryError):
+    """No placement fits the budget, or the request cannot be planned."""
+
+
+@dataclass(frozen=True)
+class Override:
+    """One llama.cpp tensor buffer-type override: tensors whose name matches `pattern` go to `buffer`."""
+
+    pattern: str
+    buffer: str  # "CPU": host memory, zero-copy in the mmap; "GPU": the first GPU's memory
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where every part of a model goes, and what that is predicted to cost."""
+
+    strategy: str
+    profile: str
+    dense: bool
+    vram_budget_bytes: int
+    ctx: int
+    kv_cache_type: str
+    n_layer: int
+    n_gpu_layers: int  # llama.cpp's n_gpu_layers: MoE models offload all layers and keep experts back
+    gpu_weight_bytes: int  # non-expert weights in VRAM
+    kv_bytes: int
+    compute_bytes: int
+    overhead_bytes: int
+    gpu_expert_layers: tuple[int, ...]
+    gpu_expert_bytes: int
+    host_weight_bytes: int  # weights left in the mmap
+    host_compute_bytes: int
+    overrides: tuple[Override, ...]
+
+    @property
+    def predicted_vram_bytes(self) -> int:
+        if not self.vram_budget_bytes:
+            return 0
+        return self.gpu_weight_bytes + self.gpu_expert_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+
+    @property
+    def predicted_host_bytes(self) -> int:
+        kv_on_host = 0 if self.vram_budget_bytes else self.kv_bytes
+        return self.host_weight_bytes + self.host_compute_bytes + kv_on_host
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy, "profile": self.profile, "dense": self.dense,
+            "vram_budget_bytes": self.vram_budget_bytes, "ctx": self.ctx, "kv_cache_type": self.kv_cache_type,
+            "n_gpu_layers": self.n_gpu_layers, "predicted_vram_bytes": self.predicted_vram_bytes,
+            "predicted_host_bytes": self.predicted_host_bytes, "gpu_weight_bytes": self.gpu_weight_bytes,
+            "gpu_expert_bytes": self.gpu_expert_bytes, "kv_bytes": self.kv_bytes,
+            "compute_bytes": self.compute_bytes, "overhead_bytes": self.overhead_bytes,
+            "host_weight_bytes": self.host_weight_bytes, "host_compute_bytes": self.host_compute_bytes,
+            "gpu_expert_layers": list(self.gpu_expert_layers),
+            "cpu_expert_layers": [i for i in range(self.n_layer) if i not in self.gpu_expert_layers],
+            "overrides": [{"pattern": o.pattern, "buffer": o.buffer} for o in self.overrides],
+        }
+
+
+def kv_cache_bytes(index: ModelIndex, ctx: int, kv_cache_type: str, n_layers: int | None = None) -> int:
+    """K and V for `ctx` tokens in every attention layer (llama.cpp keeps SWA layers full-size here)."""
+    p = index.params
+    per_token = p.n_head_kv * (p.head_dim_k + p.head_dim_v) * KV_BYTES_PER_ELEMENT[kv_cache_type]
+    return int(math.ceil(per_token * ctx)) * (p.n_layer if n_layers is None else n_layers)
+
+
+def compute_buffer_bytes(index: ModelIndex, ctx: int, ubatch: int, flash_attention: bool) -> int:
+    """llama.cpp's compute buffer for one ubatch: the larger of the output stage (logits of the ubatch and
+    the widest activations) and the attention stage (KQ mask, and without flash attention the scores of
+    every head). Fitted to the CPU backend's reports (tests/test_plan.py) and rounded up by 20%, so that
+    the estimate errs high: VRAM must never be overrun."""
+    p = index.params
+    ffn_width = max(p.n_expert_used * p.n_ff_exp, p.n_ff_shexp)
+    output = ubatch * 4 * (p.n_vocab + 2 * p.n_embd + ffn_width // 2)
+    attention = ubatch * ctx * 4 * (1 if flash_attention else p.n_head + 1)
+    return int(1.2 * max(output, attention))
+
+
+def _bytes_in_layer(index: ModelIndex, layer: int, classes: tuple[TensorClass, ...]) -> int:
+    row = index.bytes_by_layer.get(layer, {})
+    return sum(row.get(c.value, 0) for c in classes)
+
+
+def _expert_pattern(layers: list[int]) -> str:
+    """A regex matching the routed-expert tensors of these layers."""
+    return rf"^blk\.({'|'.join(str(i) for i in layers)}){_EXPERT_SUFFIX}"
+
+
+def _fixed_vram(index: ModelIndex, profile: Profile, ctx: int) -> tuple[int, int, int, int]:
+    """(non-expert weights, KV, compute, overhead) that VRAM must hold before any expert."""
+    c = index.bytes_by_class
+    host = c[TensorClass.TOKEN_EMBEDDING.value] + sum(c[k.value] for k in _HOST_CLASSES)
+    weights = sum(c.values()) - host
+    kv = kv_cache_bytes(index, ctx, profile.kv_cache_type)
+    compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
+    return weights, kv, compute, profile.gpu_overhead_bytes
+
+
+def _check_fits(fixed: tuple[int, int, int, int], budget: int, index: ModelIndex, profile: Profile, ctx: int) -> None:
+    weights, kv, compute, overhead = fixed
+    need = sum(fixed)
+    if need <= budget:
+        return
+    per_token = kv_cache_bytes(index, 1, profile.kv_cache_type)
+    fit_ctx = (budget - weights - overhead - compute_buffer_bytes(index, 0, profile.ubatch, True)) // max(per_token, 1)
+    hint = f"try --ctx {int(fit_ctx) // 256 * 256}" if fit_ctx >= 256 else "use a smaller model or quantization"
+    raise PlanError(
+        f"needs {need / 2**30:.2f} GiB for attention+norms+routers+output ({weights / 2**30:.2f}), "
+        f"KV cache ({kv / 2**30:.2f}) at ctx {ctx}, compute ({compute / 2**30:.2f}) and GPU runtime "
+        f"({overhead / 2**30:.2f}); budget {budget / 2**30:.2f} GiB; {hint}"
+    )
+
+
+def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "layer-fill",
+                   vram_budget: int | None = None, ctx: int | None = None, layer_order: str = "first") -> Placement:
+    """Place `index` under `profile` (budget and context from the profile unless given).
+
+    layer-fill: whole layers of experts go to VRAM while they fit, in `layer_order` ("first": layers
+    0, 1, ... get VRAM and the last layers stay on the CPU; "last": the reverse, llama.cpp's --n-cpu-moe).
+    experts-on-host: every routed expert stays in the mmap (llama.cpp's --cpu-moe).
+    """
+    if strategy not in STRATEGIES:
+        raise PlanError(f"unknown placement {strategy!r}; known: {', '.join(STRATEGIES)}")
+    if layer_order not in LAYER_ORDERS:
+        raise PlanError(f"unknown layer order {layer_order!r}; known: {', '.join(LAYER_ORDERS)}")
+    ctx = ctx or profile.ctx
+    budget = profile.vram_budget_bytes if vram_budget is None else vram_budget
+    p = index.params
+    if p.n_ctx_train and ctx > p.n_ctx_train:
+        raise PlanError(f"ctx {ctx} is beyond the model's training context ({p.n_ctx_train}); use --ctx {p.n_ctx_train}")
+    if profile.vram_total_bytes and budget > profile.vram_total_bytes:
+        raise PlanError(f"VRAM budget {budget / 2**30:.2f} GiB is more than the GPU's "
+                        f"{profile.vram_total_bytes / 2**30:.2f} GiB (profile {profile.name})")
+    if not index.is_moe:
+        return _plan_dense(index, profile, budget, ctx)
+    host_compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
+    all_bytes = sum(index.bytes_by_class.values())
+    common = dict(profile=profile.name, dense=False, ctx=ctx, kv_cache_type=profile.kv_cache_type,
+                  n_layer=p.n_layer, strategy=strategy)
+    all_experts_on_host = (Override(_expert_pattern(list(index.moe_layers)), "CPU"),)
+    if budget <= 0 or not profile.has_gpu:
+        # No GPU: everything runs on the CPU, experts still zero-copy in the mmap (not repacked copies).
+        return Placement(**common, vram_budget_bytes=0, n_gpu_layers=0, gpu_weight_bytes=0,
+                         kv_bytes=kv_cache_bytes(index, ctx, profile.kv_cache_type), compute_bytes=0,
+                         overhead_bytes=0, gpu_expert_layers=(), gpu_expert_bytes=0, host_weight_bytes=all_bytes,
+                         host_compute_bytes=host_compute, overrides=all_experts_on_host)
+    fixed = _fixed_vram(index, profile, ctx)
+    _check_fits(fixed, budget, index, profile, ctx)
+    gpu_layers = []
+    if strategy == "layer-fill":
+        room = budget - sum(fixed)
+        order = list(index.moe_layers) if layer_order == "first" else list(reversed(index.moe_layers))
+        for layer in order:
+            size = _bytes_in_layer(index, layer, _HOST_CLASSES)
+            if size > room:
+                break
+            gpu_layers.append(layer)
+            room -= size
+    gpu_layers.sort()
+    gpu_expert_bytes = sum(_bytes_in_layer(index, layer, _HOST_CLASSES) for layer in gpu_layers)
+    cpu_layers = [layer for layer in index.moe_layers if layer not in gpu_layers]
+    overrides = (Override(_expert_pattern(cpu_layers), "CPU"),) if cpu_layers else ()
+    weights, kv, compute, overhead = fixed
+    return Placement(**common, vram_budget_bytes=budget, n_gpu_layers=p.n_layer + 1, gpu_weight_bytes=weights,
+                     kv_bytes=kv, compute_bytes=compute, overhead_bytes=overhead, gpu_expert_layers=tuple(gpu_layers),
+                     gpu_expert_bytes=gpu_expert_bytes, host_weight_bytes=all_bytes - weights - gpu_expert_bytes,
+                     host_compute_bytes=host_compute if cpu_layers else 0, overrides=overrides)
+
+
+def _plan_dense(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> Placement:
+    """A dense model runs with whole layers on the GPU (llama.cpp's n_gpu_layers), as many as fit."""
+    p = index.params
+    all_bytes = sum(index.bytes_by_class.values())
+    compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
+    kv_layer = kv_cache_bytes(index, ctx, profile.kv_cache_type, n_layers=1)
+    room = budget - compute - profile.gpu_overhead_bytes - index.bytes_by_class[TensorClass.OUTPUT_HEAD.value]
+    n_gpu, gpu_bytes = 0, 0
+    if profile.has_gpu and budget > 0:
+        for layer in range(p.n_layer):
+            size = sum(index.bytes_by_layer.get(layer, {}).values()) + kv_layer
+            if size > room:
+                break
+            room -= size
+            n_gpu, gpu_bytes = n_gpu + 1, gpu_bytes + size - kv_layer
+    on_gpu = n_gpu > 0
+    return Placement(strategy="layer-fill", profile=profile.name, dense=True, vram_budget_bytes=budget if on_gpu else 0,
+                     ctx=ctx, kv_cache_type=profile.kv_cache_type, n_layer=p.n_layer, n_gpu_layers=n_gpu,
+                     gpu_weight_bytes=gpu_bytes, kv_bytes=kv_layer * (n_gpu if on_gpu else p.n_layer),
+                     compute_bytes=compute if on_gpu else 0,
+                     overhead_bytes=profile.gpu_overhead_bytes if on_gpu else 0, gpu_expert_layers=(),
+                     gpu_expert_bytes=0, host_weight_bytes=all_bytes - gpu_bytes, host_compute_bytes=compute,
+                     overrides=())
