@@ -127,14 +127,25 @@ def _fixed_vram(index: ModelIndex, profile: Profile, ctx: int) -> tuple[int, int
     return weights, kv, compute, profile.gpu_overhead_bytes
 
 
+def _largest_fitting_ctx(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> int:
+    """The largest multiple of 256 below ctx whose fixed VRAM fits the budget (0 if none)."""
+    lo, hi = 0, ctx // 256
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(_fixed_vram(index, profile, mid * 256)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo * 256
+
+
 def _check_fits(fixed: tuple[int, int, int, int], budget: int, index: ModelIndex, profile: Profile, ctx: int) -> None:
     weights, kv, compute, overhead = fixed
     need = sum(fixed)
     if need <= budget:
         return
-    per_token = kv_cache_bytes(index, 1, profile.kv_cache_type)
-    fit_ctx = (budget - weights - overhead - compute_buffer_bytes(index, 0, profile.ubatch, True)) // max(per_token, 1)
-    hint = f"try --ctx {int(fit_ctx) // 256 * 256}" if fit_ctx >= 256 else "use a smaller model or quantization"
+    fit_ctx = _largest_fitting_ctx(index, profile, budget, ctx)
+    hint = f"try --ctx {fit_ctx}" if fit_ctx else "use a smaller model or quantization, or a larger budget"
     raise PlanError(
         f"needs {need / 2**30:.2f} GiB for attention+norms+routers+output ({weights / 2**30:.2f}), "
         f"KV cache ({kv / 2**30:.2f}) at ctx {ctx}, compute ({compute / 2**30:.2f}) and GPU runtime "
@@ -158,7 +169,8 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     budget = profile.vram_budget_bytes if vram_budget is None else vram_budget
     p = index.params
     if p.n_ctx_train and ctx > p.n_ctx_train:
-        raise PlanError(f"ctx {ctx} is beyond the model's training context ({p.n_ctx_train}); use --ctx {p.n_ctx_train}")
+        raise PlanError(f"ctx {ctx} is beyond the model's training context ({p.n_ctx_train}); "
+                        f"use --ctx {p.n_ctx_train} or less")
     if profile.vram_total_bytes and budget > profile.vram_total_bytes:
         raise PlanError(f"VRAM budget {budget / 2**30:.2f} GiB is more than the GPU's "
                         f"{profile.vram_total_bytes / 2**30:.2f} GiB (profile {profile.name})")
@@ -221,3 +233,30 @@ def _plan_dense(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> P
                      overhead_bytes=profile.gpu_overhead_bytes if on_gpu else 0, gpu_expert_layers=(),
                      gpu_expert_bytes=0, host_weight_bytes=all_bytes - gpu_bytes, host_compute_bytes=compute,
                      overrides=())
+
+
+def estimate_decode_tok_s(index: ModelIndex, placement: Placement, profile: Profile) -> float:
+    """Decode speed if every token is bound by reading its weights: the non-expert weights and the used
+    experts of each layer, from VRAM at the GPU's bandwidth or from RAM at the host's (profile hints)."""
+    p = index.params
+    host_classes = {c.value for c in _HOST_CLASSES}
+    dense_bytes = sum(n for cls, n in index.bytes_by_class.items()
+                      if cls not in host_classes and cls != TensorClass.TOKEN_EMBEDDING.value)
+    gpu_bytes = host_bytes = 0.0
+    on_gpu = placement.vram_budget_bytes > 0
+    for layer in index.moe_layers:
+        used = p.n_expert_used * index.expert_bytes(layer)
+        if layer in placement.gpu_expert_layers:
+            gpu_bytes += used
+        else:
+            host_bytes += used
+    if on_gpu:
+        gpu_bytes += dense_bytes
+    else:
+        host_bytes += dense_bytes
+    seconds = 0.0
+    if gpu_bytes:
+        seconds += gpu_bytes / (profile.gpu_memory_gbs * 1e9) if profile.gpu_memory_gbs else 0.0
+    if host_bytes:
+        seconds += host_bytes / (profile.host_ram_gbs * 1e9) if profile.host_ram_gbs else 0.0
+    return 1 / seconds if seconds else 0.0

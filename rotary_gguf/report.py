@@ -66,3 +66,98 @@ def _types(index: ModelIndex) -> str:
     for t in index.tensors:
         counts[t.type.name] = counts.get(t.type.name, 0) + 1
     return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _layers(layers: tuple[int, ...] | list[int]) -> str:
+    """(0, 1, 2, 5) -> '0-2, 5'."""
+    runs: list[str] = []
+    for layer in sorted(layers):
+        if runs and runs[-1].split("-")[-1] == str(layer - 1):
+            runs[-1] = f"{runs[-1].split('-')[0]}-{layer}"
+        else:
+            runs.append(str(layer))
+    return ", ".join(runs) or "none"
+
+
+def format_placement(index: ModelIndex, placement, profile, estimate: float) -> str:
+    """The `rotary plan` table."""
+    p = placement
+    cpu_layers = [layer for layer in index.moe_layers if layer not in p.gpu_expert_layers]
+    lines = [
+        f"model          {index.path.name}: {index.params.arch}, {index.params.n_layer} layers, "
+        f"{index.params.n_expert} experts ({index.params.n_expert_used} used)" + (" - dense" if p.dense else ""),
+        f"profile        {profile.name}: budget {format_bytes(p.vram_budget_bytes)}, ctx {p.ctx}, "
+        f"KV {p.kv_cache_type}, placement {p.strategy}",
+    ]
+    if p.vram_budget_bytes:
+        lines += [
+            "VRAM",
+            f"  weights      {format_bytes(p.gpu_weight_bytes):>12}  attention, norms, routers, shared experts, output",
+            f"  KV cache     {format_bytes(p.kv_bytes):>12}  ctx {p.ctx}, {p.kv_cache_type}",
+            f"  compute      {format_bytes(p.compute_bytes):>12}  ubatch {profile.ubatch}",
+            f"  GPU runtime  {format_bytes(p.overhead_bytes):>12}  CUDA context and pools",
+            f"  experts      {format_bytes(p.gpu_expert_bytes):>12}  layers {_layers(p.gpu_expert_layers)}",
+            f"  total        {format_bytes(p.predicted_vram_bytes):>12}  of {format_bytes(p.vram_budget_bytes)}",
+        ]
+    else:
+        lines.append("VRAM           none: everything runs on the CPU")
+    lines += [
+        "host RAM",
+        f"  weights      {format_bytes(p.host_weight_bytes):>12}  in the mmap"
+        + (f"; experts of layers {_layers(cpu_layers)}" if cpu_layers and not p.dense else ""),
+        f"  total        {format_bytes(p.predicted_host_bytes):>12}  with compute buffers"
+        + ("" if p.vram_budget_bytes else " and KV cache"),
+        f"GPU layers     {p.n_gpu_layers} (llama.cpp n_gpu_layers)",
+    ]
+    lines += [f"override       {o.pattern} -> {o.buffer}" for o in p.overrides] or ["override       none"]
+    lines.append(f"estimate       ~{estimate:.0f} tok/s decode if bound by weight reads (profile bandwidths)")
+    return "\n".join(lines)
+
+
+def format_profile(profile) -> str:
+    p = profile
+    gpu = f"{' | '.join(p.gpu_match)}, {format_bytes(p.vram_total_bytes)}" if p.has_gpu else "none"
+    return "\n".join([
+        f"name             {p.name}",
+        f"description      {p.description}",
+        f"file             {p.source}",
+        f"GPU              {gpu}",
+        f"VRAM budget      {format_bytes(p.vram_budget_bytes)}",
+        f"context          {p.ctx} (KV {p.kv_cache_type}), batch {p.batch}, ubatch {p.ubatch}",
+        f"threads          {p.threads or 'auto (physical cores)'}, "
+        f"flash attention {'on' if p.flash_attention else 'off'}",
+        f"bandwidth        GPU {p.gpu_memory_gbs:g} GB/s, host RAM {p.host_ram_gbs:g} GB/s, PCIe {p.pcie_gbs:g} GB/s",
+        f"GPU overhead     {format_bytes(p.gpu_overhead_bytes)}",
+    ])
+
+
+def format_telemetry(generation, telemetry, placement) -> str:
+    """The `/stats` lines of `rotary chat`."""
+    lines = []
+    if generation is not None:
+        lines.append(f"last reply     {generation.prompt_tokens} prompt tokens at "
+                     f"{generation.prompt_tokens_per_second:.1f} tok/s, {len(generation.tokens)} tokens at "
+                     f"{generation.decode_tokens_per_second:.1f} tok/s")
+    if telemetry.vram_used_bytes is not None:
+        lines.append(f"VRAM           {format_bytes(telemetry.vram_used_bytes)} used, budget "
+                     f"{format_bytes(placement.vram_budget_bytes)}, "
+                     f"predicted {format_bytes(placement.predicted_vram_bytes)}")
+    else:
+        lines.append("VRAM           no NVIDIA GPU")
+    lines.append(f"host RSS       {format_bytes(telemetry.rss_bytes)} (predicted for the model: "
+                 f"{format_bytes(placement.predicted_host_bytes)})")
+    return "\n".join(lines)
+
+
+def format_bench(result) -> str:
+    """The `rotary bench` table."""
+    lines = [f"model {result.model.name}, profile {result.profile.name}, VRAM budget "
+             f"{format_bytes(result.vram_budget_bytes)}, GPU {result.gpu or 'none (CPU build)'}",
+             f"{'placement':<18}{'prompt tok/s':>13}{'decode tok/s':>13}{'peak VRAM':>12}{'peak RSS':>12}"
+             f"{'RSS delta':>12}  GPU expert layers"]
+    for r in result.placements:
+        vram = format_bytes(r.peak_vram_bytes) if r.peak_vram_bytes is not None else "-"
+        lines.append(f"{r.name:<18}{r.prompt_tok_s:>13.1f}{r.decode_tok_s:>13.1f}{vram:>12}"
+                     f"{format_bytes(r.peak_rss_bytes):>12}{format_bytes(r.rss_delta_bytes):>12}  "
+                     f"{_layers(r.placement.gpu_expert_layers)}")
+    return "\n".join(lines)

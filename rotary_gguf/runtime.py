@@ -148,7 +148,7 @@ def _override_array(placement: Placement) -> ctypes.Array | None:
 
 
 @contextlib.contextmanager
-def _model_params_with(overrides: ctypes.Array | None, no_alloc: bool = False) -> Iterator[None]:
+def _model_params_with(overrides: ctypes.Array | None, no_alloc: bool = False, repack: bool = False) -> Iterator[None]:
     """llama-cpp-python's Llama never sets tensor_buft_overrides (its field is 'unused'): hand it default
     params that already carry ours while the model loads."""
     llama_cpp = _llama_cpp()
@@ -160,7 +160,7 @@ def _model_params_with(overrides: ctypes.Array | None, no_alloc: bool = False) -
         if overrides is not None:
             params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         params.no_alloc = no_alloc
-        if overrides is not None:
+        if overrides is not None and not repack:
             # Overrides to the CPU buffer type still pick the CPU's repacking buffer types (llama.cpp
             # src/llama-model-loader.cpp, "check overrides"), which copy the experts out of the mmap.
             params.use_extra_bufts = False
@@ -216,8 +216,11 @@ def rss_bytes() -> int:
 
 def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_ctx: int = 512,
          n_threads: int | None = None, n_batch: int = 512, n_ubatch: int = 512, flash_attn: bool = False,
-         kv_cache_type: str = "f16", seed: int = 0, no_alloc: bool = False) -> LoadedModel:
+         kv_cache_type: str = "f16", seed: int = 0, no_alloc: bool = False, repack: bool = False) -> LoadedModel:
     """Load a GGUF with the placement's overrides and GPU layers (no placement: llama.cpp's defaults, CPU).
+
+    Host-resident experts stay zero-copy in the mmap unless `repack=True`, which lets llama.cpp copy them
+    into its CPU repacking buffers (more RAM; faster CPU matmuls for some types).
 
     `no_alloc=True` is llama.cpp's dry run: buffers are sized and reported but not allocated (the model
     cannot generate).
@@ -229,7 +232,7 @@ def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_
     gpu = gpu_device_name()
     rss = rss_bytes()
     started = time.perf_counter()
-    with _state["log"].capture() as lines, _model_params_with(overrides, no_alloc):
+    with _state["log"].capture() as lines, _model_params_with(overrides, no_alloc, repack):
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
@@ -254,6 +257,7 @@ class Generation:
     prompt_seconds: float
     decode_seconds: float
     stopped_at_eos: bool
+    interrupted: bool = False  # Ctrl-C ended the decode early
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -285,7 +289,8 @@ def _common_prefix(a: list[int], b: Any) -> int:
 
 
 def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: float = 0.0, seed: int = 0,
-                 stream: Any = None, keep_state: bool = False) -> Generation:
+                 stream: Any = None, keep_state: bool = False, ignore_eos: bool = False) -> Generation:
+    """generate() from token ids; `ignore_eos=True` always decodes max_tokens (benchmarks)."""
     llama_cpp = _llama_cpp()
     reuse = _common_prefix(prompt_ids, llm.input_ids[: llm.n_tokens]) if keep_state else 0
     reuse = min(reuse, len(prompt_ids) - 1)  # evaluate at least one token to get fresh logits
@@ -299,12 +304,12 @@ def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: floa
     prompt_seconds = time.perf_counter() - started
     tokens: list[int] = []
     pending = b""
-    stopped = False
+    stopped = interrupted = False
     started = time.perf_counter()
     try:
         while len(tokens) < max_tokens:
             token = llm.sample(temp=temp, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0)
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
+            if not ignore_eos and llama_cpp.llama_vocab_is_eog(vocab, token):
                 stopped = True
                 break
             tokens.append(token)
@@ -314,10 +319,21 @@ def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: floa
                 if text:
                     stream(text)
             llm.eval([token])
-    finally:
-        decode_seconds = time.perf_counter() - started
+    except KeyboardInterrupt:
+        if stream is None:
+            raise
+        interrupted = True  # the caller asked to stop this reply; the KV cache stays consistent
+    decode_seconds = time.perf_counter() - started
     text = llm.detokenize(tokens).decode("utf-8", errors="replace")
-    return Generation(len(prompt_ids), tuple(tokens), text, prompt_seconds, decode_seconds, stopped)
+    return Generation(len(prompt_ids), tuple(tokens), text, prompt_seconds, decode_seconds, stopped, interrupted)
+
+
+def special_token_texts(llm: Any) -> tuple[str, str]:
+    """The texts of the model's BOS and EOS tokens (empty when it has none)."""
+    def text(token: int) -> str:
+        return llm.detokenize([token], special=True).decode("utf-8", errors="replace") if token >= 0 else ""
+
+    return text(llm.token_bos()), text(llm.token_eos())
 
 
 def _complete_utf8(data: bytes) -> tuple[str, bytes]:

@@ -1,46 +1,18 @@
-"""The `rotary` command line: thin click commands over the library.
-
-Library errors (RotaryError) become one line on stderr and exit status 2; nothing else is caught.
-"""
+"""Commands about model files: inspect, synth, synth-hf, and the embedded demo."""
 
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 import click
 
-from rotary_gguf import __version__
-from rotary_gguf.errors import RotaryError
+from rotary_gguf.cli import Failure, main
 from rotary_gguf.report import format_bytes, format_index
 from rotary_gguf.synth import PRESET_DEFAULT_TYPE, PRESETS, TYPE_NAMES
 
 HF_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
-
-
-class _Failure(click.ClickException):
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"rotary: error: {self.format_message()}", err=True)
-
-
-class _Group(click.Group):
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except RotaryError as exc:
-            raise _Failure(str(exc)) from None
-
-
-@click.group(cls=_Group)
-@click.version_option(__version__, prog_name="rotary")
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details to stderr.")
-def main(verbose: bool) -> None:
-    """Run large Mixture-of-Experts GGUF models on small GPUs."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
 @main.command()
@@ -92,7 +64,7 @@ def synth(out: Path, preset: str, qtype: str | None, seed: int, force: bool) -> 
     from rotary_gguf.synth import synth_model
 
     if out.exists() and not force:
-        raise _Failure(f"{out}: exists; pass --force to overwrite")
+        raise Failure(f"{out}: exists; pass --force to overwrite")
     bar = _ByteBar(f"writing {out.name}")
     try:
         result = synth_model(out, PRESETS[preset], qtype or PRESET_DEFAULT_TYPE[preset], seed=seed,
@@ -140,6 +112,3 @@ def demo(preset: str, n_tokens: int) -> None:
                + (" (stopped at end-of-generation)" if g.stopped_at_eos else ""))
     click.echo(f"text (random weights, so noise): {g.text!r}")
 
-
-if __name__ == "__main__":
-    main()

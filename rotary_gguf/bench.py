@@ -1,0 +1,104 @@
+"""`rotary bench`: prompt and decode speed, peak VRAM and host RSS for each placement, in one process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rotary_gguf import runtime
+from rotary_gguf.gguf import ModelIndex
+from rotary_gguf.plan import STRATEGIES, Placement, plan_placement
+from rotary_gguf.profile import Profile
+from rotary_gguf.telemetry import PeakSampler
+
+# Prose, code and chat, repeated to the asked prompt length.
+_PROMPT_TEXT = (
+    "<|im_start|>user\nThe licensee may copy and distribute verbatim copies of the program's source code "
+    "as received, in any medium.\ndef main(argv):\n    for name in sorted(argv):\n        print(name)\n"
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    name: str
+    placement: Placement
+    prompt_tokens: int
+    decode_tokens: int
+    prompt_tok_s: float
+    decode_tok_s: float
+    peak_vram_bytes: int | None
+    peak_rss_bytes: int
+    rss_delta_bytes: int  # peak RSS minus RSS before the model was loaded
+    load_seconds: float
+    buffers: tuple[runtime.Buffer, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "prompt_tokens": self.prompt_tokens, "decode_tokens": self.decode_tokens,
+            "prompt_tok_s": round(self.prompt_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2),
+            "peak_vram_bytes": self.peak_vram_bytes, "peak_rss_bytes": self.peak_rss_bytes,
+            "rss_delta_bytes": self.rss_delta_bytes,
+            "predicted_vram_bytes": self.placement.predicted_vram_bytes,
+            "predicted_host_bytes": self.placement.predicted_host_bytes,
+            "gpu_expert_layers": list(self.placement.gpu_expert_layers), "load_seconds": round(self.load_seconds, 2),
+            "buffers": [{"kind": b.kind, "name": b.name, "bytes": b.nbytes} for b in self.buffers],
+        }
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: Path
+    profile: Profile
+    vram_budget_bytes: int
+    gpu: str | None
+    placements: tuple[PlacementResult, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": str(self.model), "profile": self.profile.name, "vram_budget_bytes": self.vram_budget_bytes,
+                "gpu": self.gpu, "placements": [p.to_json() for p in self.placements]}
+
+
+def prompt_ids(llm: Any, n_tokens: int) -> list[int]:
+    """Exactly n_tokens of text tokens."""
+    ids = llm.tokenize(_PROMPT_TEXT.encode(), add_bos=False, special=True)
+    return (ids * (n_tokens // len(ids) + 1))[:n_tokens]
+
+
+def bench_placement(path: Path, placement: Placement, profile: Profile, *, prompt_tokens: int, decode_tokens: int,
+                    threads: int | None, repack: bool) -> PlacementResult:
+    """Load with one placement, evaluate a prompt and decode greedily, sampling peak RSS and VRAM."""
+    with PeakSampler() as peak:
+        model = runtime.load(path, placement, n_ctx=placement.ctx, n_threads=threads or profile.threads,
+                             n_batch=profile.batch, n_ubatch=profile.ubatch, flash_attn=profile.flash_attention,
+                             kv_cache_type=profile.kv_cache_type, repack=repack)
+        try:
+            ids = prompt_ids(model.llm, prompt_tokens)
+            generation = runtime.generate_ids(model.llm, ids, decode_tokens, ignore_eos=True)
+        finally:
+            model.llm.close()
+    return PlacementResult(
+        placement.strategy, placement, generation.prompt_tokens, len(generation.tokens),
+        generation.prompt_tokens_per_second, generation.decode_tokens_per_second, peak.peak_vram, peak.peak_rss,
+        peak.peak_rss - model.rss_before_load, model.load_seconds, model.buffers,
+    )
+
+
+def run_bench(path: Path, index: ModelIndex, profile: Profile, *, strategies: tuple[str, ...] = STRATEGIES,
+              vram_budget: int | None = None, ctx: int | None = None, prompt_tokens: int = 512,
+              decode_tokens: int = 128, threads: int | None = None, repack: bool = False,
+              progress: Callable[[int, str], None] | None = None) -> BenchResult:
+    """Benchmark each strategy on the same model and profile, one after the other in this process.
+
+    `progress(done, name)` is called before each placement starts."""
+    ctx = ctx or max(profile.ctx, prompt_tokens + decode_tokens)
+    results = []
+    placements = [plan_placement(index, profile, strategy=s, vram_budget=vram_budget, ctx=ctx) for s in strategies]
+    for done, placement in enumerate(placements):
+        if progress:
+            progress(done, placement.strategy)
+        results.append(bench_placement(path, placement, profile, prompt_tokens=prompt_tokens,
+                                       decode_tokens=decode_tokens, threads=threads, repack=repack))
+    return BenchResult(path, profile, placements[0].vram_budget_bytes, runtime.gpu_device_name(), tuple(results))

@@ -1,0 +1,41 @@
+"""The `rotary` command line: thin click commands over the library.
+
+Library errors (RotaryError) become one line on stderr and exit status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from rotary_gguf import __version__
+from rotary_gguf.errors import RotaryError
+
+
+class Failure(click.ClickException):
+    """A user-facing error: one line on stderr, exit status 2."""
+
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"rotary: error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RotaryError as exc:
+            raise Failure(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="rotary")
+@click.option("-v", "--verbose", is_flag=True, help="Log details (llama.cpp's own log included) to stderr.")
+def main(verbose: bool) -> None:
+    """Run large Mixture-of-Experts GGUF models on small GPUs."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+from rotary_gguf.cli import model, run  # noqa: E402,F401  (they register their commands on main)
