@@ -78,10 +78,10 @@ _ROUTED_PROJ: dict[MODEL_TENSOR, str] = {
 _PROJ_ORDER = {proj: i for i, proj in enumerate(_ROUTED_PROJ.values())}
 _ROUTER = {MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_EXP_PROBS_B}
 _DENSE_FFN = {MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP, MODEL_TENSOR.FFN_DOWN}
-_PARTS = ("weight", "bias", "scale")
+_PARTS = ("weight", "bias", "scale", "input_scale")
 _LAYER_PREFIX = "blk.{bid}."
 # Older Mixtral GGUFs store one 2-D tensor per expert: blk.N.ffn_gate.E.weight.
-_LEGACY_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|bias|scale)$")
+_LEGACY_EXPERT = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.(weight|bias|scale|input_scale)$")
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
 _GGML_MAX_DIMS = 4
 _FAST_ARRAY_MIN = 1024  # metadata arrays at least this long are read in one step
@@ -107,7 +107,7 @@ class ExpertBlock:
     layer: int
     expert: int
     proj: str  # gate | up | down | gate_up (| *_ch for chunked experts)
-    part: str  # weight | bias | scale
+    part: str  # weight | bias | scale | input_scale
     offset: int  # absolute file offset
     nbytes: int
     type: GGMLQuantizationType
@@ -408,7 +408,7 @@ def _class_of(kind: MODEL_TENSOR | None, part: str) -> TensorClass:
     if kind is None:
         return TensorClass.OTHER
     if kind in _ROUTED_PROJ:
-        return TensorClass.EXPERT_BIAS if part in ("bias", "scale") else TensorClass.ROUTED_EXPERT
+        return TensorClass.ROUTED_EXPERT if part == "weight" else TensorClass.EXPERT_BIAS
     if kind.name.endswith("_SHEXP"):
         return TensorClass.SHARED_EXPERT
     if kind in _ROUTER:

@@ -96,15 +96,15 @@ def kv_cache_bytes(index: ModelIndex, ctx: int, kv_cache_type: str, n_layers: in
 
 
 def compute_buffer_bytes(index: ModelIndex, ctx: int, ubatch: int, flash_attention: bool) -> int:
-    """llama.cpp's compute buffer for one ubatch: the larger of the output stage (logits of the ubatch and
-    the widest activations) and the attention stage (KQ mask, and without flash attention the scores of
-    every head). Fitted to the CPU backend's reports (tests/test_plan.py) and rounded up by 20%, so that
-    the estimate errs high: VRAM must never be overrun."""
+    """llama.cpp's compute buffer for one ubatch: logits and the widest activations of the ubatch, plus
+    the KQ mask (and without flash attention the scores of every head). An upper bound fitted to the
+    CPU backend's reports over model shapes, contexts and ubatches (1.0x to 3.0x of them, tests/test_plan.py)
+    so that VRAM is never overrun; the output logits dominate for real vocabularies."""
     p = index.params
     ffn_width = max(p.n_expert_used * p.n_ff_exp, p.n_ff_shexp)
-    output = ubatch * 4 * (p.n_vocab + 2 * p.n_embd + ffn_width // 2)
-    attention = ubatch * ctx * 4 * (1 if flash_attention else p.n_head + 1)
-    return int(1.2 * max(output, attention))
+    activations = ubatch * 4 * (p.n_vocab + 6 * p.n_embd + ffn_width)
+    attention = ubatch * ctx * (4 if flash_attention else 4 * (p.n_head + 1))
+    return int(1.2 * (activations + attention))
 
 
 def _bytes_in_layer(index: ModelIndex, layer: int, classes: tuple[TensorClass, ...]) -> int:
@@ -174,6 +174,10 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     if profile.vram_total_bytes and budget > profile.vram_total_bytes:
         raise PlanError(f"VRAM budget {budget / 2**30:.2f} GiB is more than the GPU's "
                         f"{profile.vram_total_bytes / 2**30:.2f} GiB (profile {profile.name})")
+    block = 1 if KV_BYTES_PER_ELEMENT[profile.kv_cache_type] >= 2 else 32
+    if p.head_dim_k % block or p.head_dim_v % block:
+        raise PlanError(f"KV cache type {profile.kv_cache_type} needs head dimensions divisible by {block} "
+                        f"(this model: {p.head_dim_k}/{p.head_dim_v}); use a profile with kv_cache_type f16")
     if not index.is_moe:
         return _plan_dense(index, profile, budget, ctx)
     host_compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)

@@ -184,6 +184,7 @@ class LoadedModel:
     gpu: str | None
     load_seconds: float
     rss_before_load: int
+    log_lines: tuple[str, ...] = field(default=(), repr=False)  # llama.cpp's log of this load
     _keepalive: Any = field(default=None, repr=False)
 
     def buffer_bytes(self, *, host: bool | None = None, kind: str | None = None) -> int:
@@ -241,10 +242,11 @@ def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_
                 n_gpu_layers=placement.n_gpu_layers if placement else 0, seed=seed, verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
-            reason = next((line for line in reversed(lines) if "error" in line.lower()), str(exc))
+            # llama.cpp's last log line before giving up says why ("K cache type q8_0 ... does not divide")
+            reason = next((line for line in reversed(lines) if line.strip()), str(exc))
             raise RuntimeLoadError(f"{path}: llama.cpp could not load the model: {reason.strip()}") from None
     return LoadedModel(llm, path, placement, parse_buffers(lines), gpu, time.perf_counter() - started, rss,
-                       overrides)
+                       tuple(lines), overrides)
 
 
 @dataclass(frozen=True)

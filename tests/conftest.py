@@ -42,3 +42,15 @@ def wide_models(models_dir: Path) -> dict[str, Path]:
 def arch_models(models_dir: Path) -> dict[str, Path]:
     return {arch: synth_model(models_dir / f"{arch}.gguf", spec, "q8_0", seed=3).path
             for arch, spec in ARCH_SPECS.items()}
+
+
+@pytest.fixture(scope="session")
+def small_model(models_dir: Path) -> Path:
+    """The `small` preset at its default type (Q4_K, ~140 MB): for memory and speed checks."""
+    return synth_model(models_dir / "small-q4_k.gguf", PRESETS["small"], "q4_k", seed=5).path
+
+
+@pytest.fixture(scope="session")
+def real_shapes_header(models_dir: Path) -> Path:
+    """The qwen3-30b-a3b preset as a sparse file: a real-shaped index without 17 GB on disk."""
+    return synth_model(models_dir / "q30-sparse.gguf", PRESETS["qwen3-30b-a3b"], "q4_k", sparse=True).path

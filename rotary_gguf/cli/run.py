@@ -144,13 +144,17 @@ def _runtime_options(func):
 @click.option("-n", "n_tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temp", type=click.FloatRange(min=0), default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat", "as_chat", is_flag=True, help="Send PROMPT as one user turn through the model's chat template.")
 def run(model: Path, prompt: str, profile_name: str, vram_budget: str | None, ctx: int | None,
-        threads: int | None, repack: bool, n_tokens: int, temp: float, seed: int) -> None:
+        threads: int | None, repack: bool, n_tokens: int, temp: float, seed: int, as_chat: bool) -> None:
     """Generate a completion of PROMPT, streamed to stdout (statistics on stderr)."""
     from rotary_gguf import runtime
+    from rotary_gguf.chat import template_for
 
     index, profile, budget = _setup(model, profile_name, vram_budget)
     loaded = _load(model, _plan(index, profile, budget, ctx), profile, threads, repack)
+    if as_chat:
+        prompt = template_for(loaded, index.metadata).render([{"role": "user", "content": prompt}])
 
     def stream(text: str) -> None:
         click.echo(text, nl=False)
@@ -199,8 +203,8 @@ def _chat_loop(session, placement) -> None:
             click.echo()
             return
         except KeyboardInterrupt:
-            click.echo()
-            return
+            click.echo("\n[Ctrl-C stops a reply; /exit or Ctrl-D quits]")
+            continue
         command = line.strip()
         if not command:
             continue

@@ -41,7 +41,7 @@ def embedded_vocabulary() -> Vocabulary:
     return Vocabulary(tuple(raw["tokens"]), tuple(raw["merges"]), tuple(raw["special_tokens"]))
 
 
-def add_tokenizer(writer: GGUFWriter, n_vocab: int) -> None:
+def add_tokenizer(writer: GGUFWriter, n_vocab: int, chat_template: str | None = None) -> None:
     """Write a GPT-2 style BPE tokenizer of n_vocab tokens (padding with unused tokens) and the template."""
     vocab = embedded_vocabulary()
     n_pad = n_vocab - len(vocab.tokens)
@@ -57,4 +57,6 @@ def add_tokenizer(writer: GGUFWriter, n_vocab: int) -> None:
     writer.add_eos_token_id(vocab.id_of("<|im_end|>"))
     writer.add_pad_token_id(vocab.id_of("<|endoftext|>"))
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    template = CHAT_TEMPLATE if chat_template is None else chat_template
+    if template:
+        writer.add_chat_template(template)

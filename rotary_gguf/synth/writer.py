@@ -128,12 +128,14 @@ def synth_model(
     seed: int = 0,
     description: str = "rotary synth",
     sparse: bool = False,
+    chat_template: str | None = None,
     progress: Progress | None = None,
 ) -> SynthResult:
     """Write a random-weight MoE GGUF of `spec` to `out`.
 
     `sparse=True` writes the header and leaves the tensor data as a hole of the right size (a file
     that indexes like the real thing but holds zeros: for index benchmarks, not for running).
+    `chat_template` replaces the default ChatML template ("" writes none).
     """
     started = time.perf_counter()
     base = TYPE_NAMES[qtype] if isinstance(qtype, str) else qtype
@@ -149,7 +151,7 @@ def synth_model(
     try:
         writer = GGUFWriter(tmp, spec.arch)
         _add_hparams(writer, spec, base, f"{description}: random weights, seed {seed}")
-        add_tokenizer(writer, spec.n_vocab)
+        add_tokenizer(writer, spec.n_vocab, chat_template)
         data_bytes = _add_tensor_infos(writer, plan)
         if not sparse:
             _check_space(out.parent, data_bytes)

@@ -1,0 +1,161 @@
+"""The planner: properties on real-shaped indexes, and its numbers against llama.cpp's own accounting."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rotary_gguf import runtime
+from rotary_gguf.gguf import TensorClass, open_index
+from rotary_gguf.plan import PlanError, compute_buffer_bytes, estimate_decode_tok_s, kv_cache_bytes, plan_placement
+from rotary_gguf.profile import load_profile
+
+GiB = 2**30
+LAPTOP = load_profile("rtx4060-laptop-8gb")
+
+
+def test_never_over_budget_and_monotone(real_shapes_header):
+    index = open_index(real_shapes_header)
+    big = replace(LAPTOP, vram_total_bytes=80 * GiB)
+    previous = -1
+    for tenths in range(20, 200, 3):
+        budget = tenths * GiB // 10
+        placement = plan_placement(index, big, vram_budget=budget)
+        assert placement.predicted_vram_bytes <= budget
+        assert len(placement.gpu_expert_layers) >= previous
+        previous = len(placement.gpu_expert_layers)
+    assert previous == 48  # 20 GiB holds every expert
+    assert plan_placement(index, big, vram_budget=20 * GiB).overrides == ()
+
+
+def test_layer_fill_at_laptop_budget(real_shapes_header):
+    index = open_index(real_shapes_header)
+    placement = plan_placement(index, LAPTOP)
+    assert placement.gpu_expert_layers == tuple(range(len(placement.gpu_expert_layers)))
+    assert 8 <= len(placement.gpu_expert_layers) <= 20
+    assert placement.n_gpu_layers == 49
+    # everything not in VRAM is in the mmap: the host weights are the experts left and the embedding
+    embedding = index.bytes_by_class[TensorClass.TOKEN_EMBEDDING.value]
+    cpu_layers = [i for i in index.moe_layers if i not in placement.gpu_expert_layers]
+    assert placement.host_weight_bytes == embedding + sum(index.bytes_by_layer[i]["routed_expert"] for i in cpu_layers)
+    last = plan_placement(index, LAPTOP, layer_order="last")
+    assert last.gpu_expert_layers == tuple(range(48 - len(last.gpu_expert_layers), 48))
+    assert estimate_decode_tok_s(index, placement, LAPTOP) > estimate_decode_tok_s(
+        index, plan_placement(index, LAPTOP, strategy="experts-on-host"), LAPTOP)
+
+
+def test_override_pattern_selects_exactly_the_host_experts(real_shapes_header):
+    index = open_index(real_shapes_header)
+    placement = plan_placement(index, LAPTOP)
+    (override,) = placement.overrides
+    assert override.buffer == "CPU"
+    pattern = re.compile(override.pattern)  # the same ECMAScript-compatible syntax std::regex runs
+    matched = {t.name for t in index.tensors if pattern.search(t.name)}
+    expected = {t.name for t in index.tensors
+                if t.cls is TensorClass.ROUTED_EXPERT and t.layer not in placement.gpu_expert_layers}
+    assert matched == expected
+    on_host = plan_placement(index, LAPTOP, strategy="experts-on-host")
+    assert on_host.gpu_expert_layers == ()
+    assert sum(bool(re.search(on_host.overrides[0].pattern, t.name)) for t in index.tensors) == 48 * 3
+
+
+def test_impossible_budget_fails_with_numbers_and_hint(real_shapes_header):
+    index = open_index(real_shapes_header)
+    small = load_profile("rtx3050-laptop-4gb")
+    with pytest.raises(PlanError, match=r"needs \d+\.\d\d GiB .* at ctx 40960.*budget 3\.20 GiB; try --ctx \d+"):
+        plan_placement(index, small, ctx=40960)
+    message = str(pytest.raises(PlanError, plan_placement, index, small, ctx=40960).value)
+    suggested = int(message.rsplit("--ctx ", 1)[1])
+    assert plan_placement(index, small, ctx=suggested).predicted_vram_bytes <= small.vram_budget_bytes
+    with pytest.raises(PlanError):
+        plan_placement(index, small, ctx=suggested + 256)
+    with pytest.raises(PlanError, match="smaller model"):
+        plan_placement(index, LAPTOP, vram_budget=GiB)
+    with pytest.raises(PlanError, match="beyond the model's training context"):
+        plan_placement(index, LAPTOP, ctx=65536)
+    with pytest.raises(PlanError, match="more than the GPU's 8.00 GiB"):
+        plan_placement(index, LAPTOP, vram_budget=9 * GiB)
+
+
+def test_cpu_only_keeps_experts_in_the_mmap(tiny_model):
+    index = open_index(tiny_model)
+    placement = plan_placement(index, load_profile("cpu-only"))
+    assert placement.predicted_vram_bytes == 0 and placement.n_gpu_layers == 0
+    assert placement.host_weight_bytes == sum(index.bytes_by_class.values())
+    assert len(placement.overrides) == 1
+
+
+def test_dense_model_places_whole_layers(tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "dense.gguf"
+    writer = GGUFWriter(path, "llama")
+    writer.add_block_count(4)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_context_length(4096)
+    writer.add_tensor("token_embd.weight", np.zeros((1000, 64), np.float32))
+    writer.add_tensor("output.weight", np.zeros((1000, 64), np.float32))
+    for i in range(4):
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((4096, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    index = open_index(path)
+    tiny_gpu = replace(LAPTOP, gpu_overhead_bytes=0, vram_budget_bytes=0)
+    placement = plan_placement(index, tiny_gpu, vram_budget=7 * 2**20, ctx=512)
+    assert placement.dense and 0 < placement.n_gpu_layers < 4
+    assert placement.predicted_vram_bytes <= 7 * 2**20
+
+
+@pytest.mark.parametrize("ctx, kv_type", [(512, "f16"), (2048, "f32")])
+def test_kv_cache_matches_llama_cpp(arch_models, ctx, kv_type):
+    for arch in ("qwen3moe", "qwen2moe", "gpt-oss"):
+        path = arch_models[arch]
+        model = runtime.load(path, n_ctx=ctx, kv_cache_type=kv_type)
+        measured = model.buffer_bytes(kind="KV")
+        model.llm.close()
+        # llama.cpp logs MiB with two decimals: compare to that precision
+        assert abs(measured - kv_cache_bytes(open_index(path), ctx, kv_type)) <= 0.01 * 2**20, arch
+
+
+def test_quantized_kv_cache_matches_llama_cpp(small_model):
+    model = runtime.load(small_model, n_ctx=1024, kv_cache_type="q8_0", flash_attn=True)
+    measured = model.buffer_bytes(kind="KV")
+    model.llm.close()
+    assert abs(measured - kv_cache_bytes(open_index(small_model), 1024, "q8_0")) <= 0.01 * 2**20
+
+
+def test_quantized_kv_needs_divisible_heads(tiny_model):
+    with pytest.raises(PlanError, match="divisible by 32"):
+        plan_placement(open_index(tiny_model), load_profile("rtx3050-laptop-4gb"))
+
+
+@pytest.mark.parametrize("ctx, ubatch, flash", [(512, 512, False), (2048, 128, True), (4096, 512, True)])
+def test_compute_estimate_errs_high_against_llama_cpp(small_model, ctx, ubatch, flash):
+    model = runtime.load(small_model, n_ctx=ctx, n_batch=512, n_ubatch=ubatch, flash_attn=flash)
+    measured = model.buffer_bytes(kind="compute")
+    model.llm.close()
+    estimate = compute_buffer_bytes(open_index(small_model), ctx, ubatch, flash)
+    assert measured <= estimate <= 3 * measured
+
+
+def test_host_rss_within_ten_percent(small_model):
+    """Planned host bytes against the RSS a fresh process gains while loading, prompting and decoding
+    (`rotary bench` in a subprocess: RSS in a long-lived test process carries freed heap from earlier tests)."""
+    command = [str(Path(sys.executable).parent / "rotary"), "bench", str(small_model), "--profile", "cpu-only",
+               "--ctx", "2048", "--prompt-tokens", "512", "--tokens", "16", "--placement", "experts-on-host", "--json"]
+    result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    (run,) = result["placements"]
+    assert all(b["name"] != "CPU_REPACK" for b in run["buffers"])  # the experts stayed in the mmap
+    ratio = run["rss_delta_bytes"] / run["predicted_host_bytes"]
+    assert 0.9 <= ratio <= 1.1, (run["rss_delta_bytes"], run["predicted_host_bytes"])
