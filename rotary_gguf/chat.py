@@ -35,7 +35,7 @@ class ChatTemplate:
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers renders
         env.globals.update(raise_exception=_raise, strftime_now=lambda fmt: datetime.now().strftime(fmt))
         try:
             self._template = env.from_string(self.source)
@@ -84,13 +84,15 @@ class ChatSession:
         return head + self.messages
 
     def _fit(self) -> tuple[list[int], int]:
-        """Prompt tokens of the conversation, dropping the oldest turns until a reply fits the context."""
-        n_ctx = self.model.llm.n_ctx()
+        """Prompt tokens of the conversation, dropping the oldest turns until there is room for a reply
+        (the longest reply, or a quarter of the context if that is less)."""
+        n_ctx = runtime.context_size(self.model.llm)
+        room = min(self.max_reply_tokens, n_ctx // 4)
         dropped = 0
         while True:
             prompt = self.template.render(self._history())
             ids = self.model.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-            if len(ids) + self.max_reply_tokens <= n_ctx or len(self.messages) <= 1:
+            if len(ids) + room <= n_ctx or len(self.messages) <= 1:
                 break
             del self.messages[:2]  # the oldest user turn and its reply
             dropped += 1
@@ -105,7 +107,7 @@ class ChatSession:
         keeps what was said so far."""
         self.messages.append({"role": "user", "content": text})
         ids, dropped = self._fit()
-        budget = min(self.max_reply_tokens, self.model.llm.n_ctx() - len(ids))
+        budget = min(self.max_reply_tokens, runtime.context_size(self.model.llm) - len(ids))
         generation = runtime.generate_ids(self.model.llm, ids, budget, temp=self.temp, seed=self.seed,
                                           stream=stream, keep_state=True)
         self.seed += 1
@@ -124,4 +126,8 @@ def template_for(model: runtime.LoadedModel, metadata: dict) -> ChatTemplate:
         raise TemplateError(f"{model.path}: the GGUF has no chat template (tokenizer.chat_template); "
                             "use `rotary run` for plain completion")
     bos, eos = runtime.special_token_texts(model.llm)
-    return ChatTemplate(source, bos, eos)
+    template = ChatTemplate(source, bos, eos)
+    # Fail now, with one clear line, rather than at the first message.
+    template.render([{"role": "system", "content": "probe"}, {"role": "user", "content": "probe"},
+                     {"role": "assistant", "content": "probe"}, {"role": "user", "content": "probe"}])
+    return template

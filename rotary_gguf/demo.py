@@ -46,6 +46,6 @@ def run_demo(preset: str = "small", n_tokens: int = 16, progress: Progress | Non
     """Synthesize (or reuse) the preset's model, index it and generate n_tokens greedily on the CPU."""
     path, written = cached_synth_model(preset, progress=progress)
     index = open_index(path).require_moe()
-    llm = runtime.load(path)
+    llm = runtime.load(path).llm
     generation = runtime.generate(llm, DEMO_PROMPT, n_tokens)
     return DemoResult(path, written, index, generation)

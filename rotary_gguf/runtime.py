@@ -148,9 +148,9 @@ def _override_array(placement: Placement) -> ctypes.Array | None:
 
 
 @contextlib.contextmanager
-def _model_params_with(overrides: ctypes.Array | None, no_alloc: bool = False, repack: bool = False) -> Iterator[None]:
-    """llama-cpp-python's Llama never sets tensor_buft_overrides (its field is 'unused'): hand it default
-    params that already carry ours while the model loads."""
+def _llama_construction(overrides: ctypes.Array | None, no_alloc: bool = False, repack: bool = False) -> Iterator[None]:
+    """While Llama() runs: llama-cpp-python never sets tensor_buft_overrides (its field is 'unused'), so
+    hand it default params that already carry ours; and defer its chat-template compilation."""
     llama_cpp = _llama_cpp()
     module = llama_cpp.llama_cpp
     original = module.llama_model_default_params
@@ -166,11 +166,26 @@ def _model_params_with(overrides: ctypes.Array | None, no_alloc: bool = False, r
             params.use_extra_bufts = False
         return params
 
+    formatters = llama_cpp.llama_chat_format
+    eager = formatters.Jinja2ChatFormatter
+
+    class LazyFormatter:
+        """Llama() compiles every chat template in the file at load, so a broken template would stop the
+        model from loading at all; compile on first use instead (rotary renders templates itself)."""
+
+        def __init__(self, **kwargs: Any) -> None:
+            self._kwargs = kwargs
+
+        def to_chat_handler(self) -> Any:
+            return lambda *args, **kw: eager(**self._kwargs).to_chat_handler()(*args, **kw)
+
     module.llama_model_default_params = default_params
+    formatters.Jinja2ChatFormatter = LazyFormatter
     try:
         yield
     finally:
         module.llama_model_default_params = original
+        formatters.Jinja2ChatFormatter = eager
 
 
 @dataclass
@@ -233,7 +248,7 @@ def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_
     gpu = gpu_device_name()
     rss = rss_bytes()
     started = time.perf_counter()
-    with _state["log"].capture() as lines, _model_params_with(overrides, no_alloc, repack):
+    with _state["log"].capture() as lines, _llama_construction(overrides, no_alloc, repack):
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
@@ -328,6 +343,11 @@ def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: floa
     decode_seconds = time.perf_counter() - started
     text = llm.detokenize(tokens).decode("utf-8", errors="replace")
     return Generation(len(prompt_ids), tuple(tokens), text, prompt_seconds, decode_seconds, stopped, interrupted)
+
+
+def context_size(llm: Any) -> int:
+    """Tokens the context holds: llama.cpp may round n_ctx up, llama-cpp-python's buffers keep the asked size."""
+    return min(llm.n_ctx(), len(llm.input_ids))
 
 
 def special_token_texts(llm: Any) -> tuple[str, str]:

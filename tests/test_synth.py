@@ -87,7 +87,7 @@ def test_spec_validation():
 
 
 def test_tiny_model_generates_tokens_in_llama_cpp(tiny_model):
-    llm = runtime.load(tiny_model)
+    llm = runtime.load(tiny_model).llm
     first = runtime.generate(llm, PROMPT, 12)
     again = runtime.generate(llm, PROMPT, 12)
     assert first.prompt_tokens > 5
@@ -98,7 +98,7 @@ def test_tiny_model_generates_tokens_in_llama_cpp(tiny_model):
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "olmoe", "gpt-oss"])
 def test_every_architecture_runs_in_llama_cpp(arch_models, arch):
-    llm = runtime.load(arch_models[arch])
+    llm = runtime.load(arch_models[arch]).llm
     generation = runtime.generate(llm, PROMPT, 6)
     assert len(generation.tokens) >= 1 or generation.stopped_at_eos
     logits = runtime.last_logits(llm)
@@ -107,7 +107,7 @@ def test_every_architecture_runs_in_llama_cpp(arch_models, arch):
 
 def test_quantized_model_logits_are_sane(wide_models):
     """Random K-quant weights give finite, non-degenerate logits (a well-conditioned random model)."""
-    llm = runtime.load(wide_models["q4_k"])
+    llm = runtime.load(wide_models["q4_k"]).llm
     llm.eval(llm.tokenize(PROMPT.encode(), add_bos=False, special=True))
     logits = runtime.last_logits(llm)
     assert np.isfinite(logits).all()
@@ -121,7 +121,7 @@ def test_padded_vocabulary_loads_and_tokenizes_like_hf_tokenizers(models_dir):
     from rotary_gguf.synth.hf import write_hf_checkpoint
 
     path = synth_model(models_dir / "pad.gguf", replace(PRESETS["tiny"], n_vocab=2000), "f32").path
-    llm = runtime.load(path)
+    llm = runtime.load(path).llm
     assert llm.n_vocab() == 2000
     hf_dir = models_dir / "hf-tok"
     write_hf_checkpoint(hf_dir, "qwen3_moe")
@@ -139,7 +139,7 @@ def test_real_shapes_run_in_llama_cpp(tmp_path):
     path = synth_model(tmp_path / "q30-1layer.gguf", spec, "q4_k").path
     index = open_index(path)
     assert index.max_expert_bytes == 3 * 2048 * 768 // 256 * 144
-    llm = runtime.load(path, n_ctx=256)
+    llm = runtime.load(path, n_ctx=256).llm
     generation = runtime.generate(llm, PROMPT, 4)
     assert len(generation.tokens) >= 1 or generation.stopped_at_eos
     logits = runtime.last_logits(llm)

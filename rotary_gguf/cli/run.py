@@ -181,6 +181,7 @@ def chat(model: Path, profile_name: str, vram_budget: str | None, ctx: int | Non
     /reset clears the conversation, /stats shows speed and memory, /exit (or Ctrl-D) quits;
     Ctrl-C stops the current reply.
     """
+    from rotary_gguf import runtime
     from rotary_gguf.chat import ChatSession, template_for
 
     index, profile, budget = _setup(model, profile_name, vram_budget)
@@ -188,7 +189,7 @@ def chat(model: Path, profile_name: str, vram_budget: str | None, ctx: int | Non
     loaded = _load(model, placement, profile, threads, repack)
     session = ChatSession(loaded, template_for(loaded, index.metadata), max_reply_tokens=max_reply, temp=temp,
                           seed=seed, system=system)
-    click.echo(f"chatting with {model.name} (ctx {loaded.llm.n_ctx()}); /reset /stats /exit; "
+    click.echo(f"chatting with {model.name} (ctx {runtime.context_size(loaded.llm)}); /reset /stats /exit; "
                "Ctrl-C stops a reply", err=True)
     _chat_loop(session, placement)
 
