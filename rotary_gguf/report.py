@@ -160,4 +160,6 @@ def format_bench(result) -> str:
         lines.append(f"{r.name:<18}{r.prompt_tok_s:>13.1f}{r.decode_tok_s:>13.1f}{vram:>12}"
                      f"{format_bytes(r.peak_rss_bytes):>12}{format_bytes(r.rss_delta_bytes):>12}  "
                      f"{_layers(r.placement.gpu_expert_layers)}")
+    if not result.vram_budget_bytes:
+        lines.append("(no VRAM budget: every placement runs entirely on the CPU, experts from the mmap)")
     return "\n".join(lines)
