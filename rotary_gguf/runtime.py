@@ -317,7 +317,13 @@ def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: floa
     llm.set_seed(seed)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     started = time.perf_counter()
-    llm.eval(prompt_ids[llm.n_tokens:])
+    try:
+        llm.eval(prompt_ids[llm.n_tokens:])
+    except KeyboardInterrupt:
+        if stream is None:
+            raise
+        # Stopped while reading the prompt: llm.eval drops any KV cells past n_tokens on the next call.
+        return Generation(len(prompt_ids), (), "", time.perf_counter() - started, 0.0, False, True)
     prompt_seconds = time.perf_counter() - started
     tokens: list[int] = []
     pending = b""
