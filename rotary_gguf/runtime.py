@@ -13,7 +13,6 @@ import ctypes
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,9 +49,8 @@ class _LogCapture:
     """llama.cpp's log callback, routed to the `llama.cpp` logger and captured while a load runs."""
 
     def __init__(self, llama_cpp: Any) -> None:
-        self._lines: list[str] | None = None
+        self._captures: list[list[str]] = []
         self._partial = ""
-        self._lock = threading.Lock()
 
         @llama_cpp.llama_log_callback
         def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -66,17 +64,18 @@ class _LogCapture:
         while "\n" in self._partial:
             line, self._partial = self._partial.split("\n", 1)
             llama_log.debug("%s", line)
-            if self._lines is not None:
-                self._lines.append(line)
+            for lines in self._captures:
+                lines.append(line)
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[list[str]]:
-        with self._lock:
-            self._lines = lines = []
-            try:
-                yield lines
-            finally:
-                self._lines = None
+        """Collect the lines logged while the block runs (captures may nest)."""
+        lines: list[str] = []
+        self._captures.append(lines)
+        try:
+            yield lines
+        finally:
+            self._captures.remove(lines)
 
 
 _state: dict[str, Any] = {}
