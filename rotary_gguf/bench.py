@@ -71,9 +71,8 @@ def bench_placement(path: Path, placement: Placement, profile: Profile, *, promp
                     threads: int | None, repack: bool) -> PlacementResult:
     """Load with one placement, evaluate a prompt and decode greedily, sampling peak RSS and VRAM."""
     with PeakSampler() as peak:
-        model = runtime.load(path, placement, n_ctx=placement.ctx, n_threads=threads or profile.threads,
-                             n_batch=profile.batch, n_ubatch=profile.ubatch, flash_attn=profile.flash_attention,
-                             kv_cache_type=profile.kv_cache_type, repack=repack)
+        model = runtime.load(path, placement, **runtime.context_options(placement, profile, threads=threads,
+                                                                         repack=repack))
         try:
             ids = prompt_ids(model.llm, prompt_tokens)
             generation = runtime.generate_ids(model.llm, ids, decode_tokens, ignore_eos=True)

@@ -114,6 +114,24 @@ def format_placement(index: ModelIndex, placement, profile, estimate: float) -> 
     return "\n".join(lines)
 
 
+def format_dry_run(placement, buffers, gpu: str | None) -> str:
+    """llama.cpp's dry-run compute buffers next to the planner's."""
+    host = sum(b.nbytes for b in buffers if b.kind == "compute" and b.on_host)
+    device = sum(b.nbytes for b in buffers if b.kind == "compute" and not b.on_host)
+    planned_host = placement.host_compute_bytes
+    lines = [f"dry run        llama.cpp (no_alloc), {'GPU ' + gpu if gpu else 'CPU-only build'}: compute buffers "
+             + ", ".join(f"{b.name} {format_bytes(b.nbytes)}" for b in buffers if b.kind == "compute")]
+    if gpu and placement.vram_budget_bytes:
+        lines.append(f"  GPU compute  planned {format_bytes(placement.compute_bytes)}, llama.cpp {format_bytes(device)}"
+                     + (f" ({placement.compute_bytes / device:.2f}x)" if device else ""))
+    elif placement.vram_budget_bytes:
+        lines.append("  not comparable: this llama.cpp build has no GPU backend, so it ran the plan on the CPU")
+        return "\n".join(lines)
+    lines.append(f"  CPU compute  planned {format_bytes(planned_host)}, llama.cpp {format_bytes(host)}"
+                 + (f" ({planned_host / host:.2f}x)" if host else ""))
+    return "\n".join(lines)
+
+
 def format_profile(profile) -> str:
     p = profile
     gpu = f"{' | '.join(p.gpu_match)}, {format_bytes(p.vram_total_bytes)}" if p.has_gpu else "none"

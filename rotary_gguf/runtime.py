@@ -23,6 +23,7 @@ import numpy as np
 
 from rotary_gguf.errors import RuntimeLoadError
 from rotary_gguf.plan import Placement
+from rotary_gguf.profile import Profile
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")
@@ -256,11 +257,58 @@ def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_
                 n_gpu_layers=placement.n_gpu_layers if placement else 0, seed=seed, verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
-            # llama.cpp's last log line before giving up says why ("K cache type q8_0 ... does not divide")
-            reason = next((line for line in reversed(lines) if line.strip()), str(exc))
-            raise RuntimeLoadError(f"{path}: llama.cpp could not load the model: {reason.strip()}") from None
+            reason = _last(lines) if lines else str(exc)
+            raise RuntimeLoadError(f"{path}: llama.cpp could not load the model: {reason}") from None
     return LoadedModel(llm, path, placement, parse_buffers(lines), gpu, time.perf_counter() - started, rss,
                        tuple(lines), overrides)
+
+
+def context_options(placement: Placement, profile: Profile, *, threads: int | None = None,
+                    repack: bool = False) -> dict[str, Any]:
+    """The load()/dry_run() keyword arguments a placement and its profile imply."""
+    return dict(n_ctx=placement.ctx, n_threads=threads or profile.threads, n_batch=profile.batch,
+                n_ubatch=profile.ubatch, flash_attn=profile.flash_attention, kv_cache_type=profile.kv_cache_type,
+                repack=repack)
+
+
+def dry_run(path: str | os.PathLike[str], placement: Placement, *, n_ctx: int, n_threads: int | None = None,
+            n_batch: int = 512, n_ubatch: int = 512, flash_attn: bool = False, kv_cache_type: str = "f16",
+            repack: bool = False) -> tuple[Buffer, ...]:
+    """llama.cpp's own dry run (no_alloc, no mmap, as its --fit does): sizes the buffers a load would
+    allocate on each backend without allocating them. It reports the compute buffers exactly; model and
+    KV buffers come back as 0-byte placeholders (the planner computes those from the index)."""
+    llama_cpp = _llama_cpp()
+    overrides = _override_array(placement)
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = placement.n_gpu_layers
+    if overrides is not None:
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        params.use_extra_bufts = repack
+    params.no_alloc = True
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
+    with _state["log"].capture() as lines:
+        model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            raise RuntimeLoadError(f"{path}: llama.cpp's dry run could not load the model: {_last(lines)}")
+        try:
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = n_ctx, n_batch, min(n_ubatch, n_batch)
+            cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
+            cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            cparams.type_k = cparams.type_v = KV_TYPES[kv_cache_type]
+            ctx = llama_cpp.llama_init_from_model(model, cparams)
+            if not ctx:
+                raise RuntimeLoadError(f"{path}: llama.cpp's dry run could not create a context: {_last(lines)}")
+            llama_cpp.llama_free(ctx)
+        finally:
+            llama_cpp.llama_model_free(model)
+    return parse_buffers(lines)
+
+
+def _last(lines: list[str]) -> str:
+    """llama.cpp's last log line before giving up says why ("K cache type q8_0 ... does not divide")."""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "no reason logged")
 
 
 @dataclass(frozen=True)

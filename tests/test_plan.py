@@ -146,7 +146,7 @@ def test_compute_estimate_errs_high_against_llama_cpp(small_model, ctx, ubatch, 
     measured = model.buffer_bytes(kind="compute")
     model.llm.close()
     estimate = compute_buffer_bytes(open_index(small_model), ctx, ubatch, flash)
-    assert measured <= estimate <= 3 * measured
+    assert measured <= estimate <= 3.5 * measured
 
 
 def test_host_rss_within_ten_percent(small_model):

@@ -149,3 +149,20 @@ def test_bench_json(tiny_model):
     one = CliRunner().invoke(main, ["bench", str(tiny_model), "--profile", "cpu-only", "--prompt-tokens", "16",
                                     "--tokens", "4", "--placement", "experts-on-host", "--json"])
     assert [p["name"] for p in json.loads(one.stdout)["placements"]] == ["experts-on-host"]
+
+
+def test_dry_run_sizes_compute_like_a_real_load(small_model):
+    """llama.cpp's no_alloc dry run reports the compute buffer a real load then allocates."""
+    profile = load_profile("cpu-only")
+    placement = plan_placement(open_index(small_model), profile, ctx=1024)
+    options = runtime.context_options(placement, profile)
+    dry = runtime.dry_run(small_model, placement, **options)
+    real = runtime.load(small_model, placement, **options)
+    assert [b.nbytes for b in dry if b.kind == "compute"] == [b.nbytes for b in real.buffers if b.kind == "compute"]
+    assert placement.host_compute_bytes >= real.buffer_bytes(kind="compute")
+    result = CliRunner().invoke(main, ["plan", str(small_model), "--profile", "cpu-only", "--ctx", "1024",
+                                       "--check", "--json"])
+    compute = [b["bytes"] for b in json.loads(result.stdout)["dry_run_buffers"] if b["kind"] == "compute"]
+    assert compute == [real.buffer_bytes(kind="compute")]
+    table = CliRunner().invoke(main, ["plan", str(small_model), "--profile", "cpu-only", "--check"])
+    assert "dry run" in table.stdout and "CPU compute  planned" in table.stdout

@@ -11,7 +11,7 @@ import click
 
 from rotary_gguf.cli import Failure, main
 from rotary_gguf.plan import LAYER_ORDERS, STRATEGIES
-from rotary_gguf.report import format_bench, format_placement, format_profile, format_telemetry
+from rotary_gguf.report import format_bench, format_dry_run, format_placement, format_profile, format_telemetry
 
 
 def _placement_options(func):
@@ -97,27 +97,35 @@ def profiles_detect() -> None:
 @click.option("--placement", type=click.Choice(STRATEGIES), default="layer-fill", show_default=True)
 @click.option("--layer-order", type=click.Choice(LAYER_ORDERS), default="first", show_default=True,
               help="Which layers' experts get VRAM first (last: llama.cpp's --n-cpu-moe order).")
+@click.option("--check", is_flag=True,
+              help="Also run llama.cpp's dry run (no_alloc) and compare its compute buffers with the plan.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, placement: str,
-         layer_order: str, as_json: bool) -> None:
+         layer_order: str, check: bool, as_json: bool) -> None:
     """Plan where MODEL's tensors go under a VRAM budget, before loading anything."""
+    from rotary_gguf import runtime
     from rotary_gguf.plan import estimate_decode_tok_s
 
     index, profile, budget = _setup(model, profile_name, vram_budget)
     result = _plan(index, profile, budget, ctx, placement, layer_order)
     estimate = estimate_decode_tok_s(index, result, profile)
+    buffers = runtime.dry_run(model, result, **runtime.context_options(result, profile)) if check else None
     if as_json:
-        click.echo(json.dumps({"model": str(model), **result.to_json(), "estimated_decode_tok_s": round(estimate, 1)}))
-    else:
-        click.echo(format_placement(index, result, profile, estimate))
+        out = {"model": str(model), **result.to_json(), "estimated_decode_tok_s": round(estimate, 1)}
+        if buffers is not None:
+            out["dry_run_buffers"] = [{"kind": b.kind, "name": b.name, "bytes": b.nbytes} for b in buffers]
+        click.echo(json.dumps(out))
+        return
+    click.echo(format_placement(index, result, profile, estimate))
+    if buffers is not None:
+        click.echo(format_dry_run(result, buffers, runtime.gpu_device_name()))
 
 
 def _load(model: Path, placement, profile, threads: int | None, repack: bool):
     from rotary_gguf import runtime
 
-    loaded = runtime.load(model, placement, n_ctx=placement.ctx, n_threads=threads or profile.threads,
-                          n_batch=profile.batch, n_ubatch=profile.ubatch, flash_attn=profile.flash_attention,
-                          kv_cache_type=profile.kv_cache_type, repack=repack)
+    loaded = runtime.load(model, placement, **runtime.context_options(placement, profile, threads=threads,
+                                                                      repack=repack))
     if loaded.gpu is None and placement.vram_budget_bytes:
         click.echo("note: this llama.cpp build has no GPU backend: everything runs on the CPU "
                    "(`rotary plan` shows where tensors would go)", err=True)
