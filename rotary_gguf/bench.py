@@ -92,6 +92,8 @@ def run_bench(path: Path, index: ModelIndex, profile: Profile, *, strategies: tu
     """Benchmark each strategy on the same model and profile, one after the other in this process.
 
     `progress(done, name)` is called before each placement starts."""
+    if ctx is not None and prompt_tokens + decode_tokens > ctx:
+        raise runtime.ContextError(f"{prompt_tokens} prompt + {decode_tokens} decoded tokens do not fit ctx {ctx}")
     ctx = ctx or max(profile.ctx, prompt_tokens + decode_tokens)
     results = []
     placements = [plan_placement(index, profile, strategy=s, vram_budget=vram_budget, ctx=ctx) for s in strategies]

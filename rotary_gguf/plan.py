@@ -165,9 +165,10 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
         raise PlanError(f"unknown placement {strategy!r}; known: {', '.join(STRATEGIES)}")
     if layer_order not in LAYER_ORDERS:
         raise PlanError(f"unknown layer order {layer_order!r}; known: {', '.join(LAYER_ORDERS)}")
-    ctx = ctx or profile.ctx
-    budget = profile.vram_budget_bytes if vram_budget is None else vram_budget
     p = index.params
+    # The profile's context is a default: a model trained on less gets its own length.
+    ctx = ctx or min(profile.ctx, p.n_ctx_train or profile.ctx)
+    budget = profile.vram_budget_bytes if vram_budget is None else vram_budget
     if p.n_ctx_train and ctx > p.n_ctx_train:
         raise PlanError(f"ctx {ctx} is beyond the model's training context ({p.n_ctx_train}); "
                         f"use --ctx {p.n_ctx_train} or less")

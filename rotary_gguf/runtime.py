@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rotary_gguf.errors import RuntimeLoadError
+from rotary_gguf.errors import RotaryError, RuntimeLoadError
 from rotary_gguf.plan import Placement
 from rotary_gguf.profile import Profile
 
@@ -31,6 +31,10 @@ llama_log = logging.getLogger("llama.cpp")
 GPU_DEVICE, CPU_DEVICE = 1, 0  # enum ggml_backend_dev_type
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 _BUFFER_LINE = re.compile(r"^(\w+): +(\S+) +(model|KV|compute|output|RS) buffer size = +([0-9.]+) MiB")
+
+
+class ContextError(RotaryError):
+    """The prompt does not fit the context."""
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,11 @@ def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: floa
                  stream: Any = None, keep_state: bool = False, ignore_eos: bool = False) -> Generation:
     """generate() from token ids; `ignore_eos=True` always decodes max_tokens (benchmarks)."""
     llama_cpp = _llama_cpp()
+    n_ctx = context_size(llm)
+    if len(prompt_ids) >= n_ctx:
+        raise ContextError(f"the prompt has {len(prompt_ids)} tokens and the context holds {n_ctx}; "
+                           f"use a larger --ctx or a shorter prompt")
+    max_tokens = min(max_tokens, n_ctx - len(prompt_ids))
     reuse = _common_prefix(prompt_ids, llm.input_ids[: llm.n_tokens]) if keep_state else 0
     reuse = min(reuse, len(prompt_ids) - 1)  # evaluate at least one token to get fresh logits
     llm.n_tokens = max(reuse, 0)

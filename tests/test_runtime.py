@@ -166,3 +166,21 @@ def test_dry_run_sizes_compute_like_a_real_load(small_model):
     assert compute == [real.buffer_bytes(kind="compute")]
     table = CliRunner().invoke(main, ["plan", str(small_model), "--profile", "cpu-only", "--check"])
     assert "dry run" in table.stdout and "CPU compute  planned" in table.stdout
+
+
+def test_prompt_longer_than_context_is_one_line(tiny_model):
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(tiny_model), "word " * 600, "--ctx", "256", "--profile", "cpu-only"])
+    assert result.exit_code == 2 and "the context holds 256" in result.stderr and result.stderr.count("\n") == 1
+    bench = runner.invoke(main, ["bench", str(tiny_model), "--ctx", "256", "--prompt-tokens", "300",
+                                 "--profile", "cpu-only"])
+    assert bench.exit_code == 2 and "do not fit ctx 256" in bench.stderr and bench.stderr.count("\n") == 1
+
+
+def test_profile_context_is_capped_by_the_model(arch_models):
+    """A profile's default context longer than the model's training context is not an error."""
+    from dataclasses import replace
+
+    index = open_index(arch_models["qwen3moe"])
+    long_profile = replace(load_profile("cpu-only"), ctx=32768)
+    assert plan_placement(index, long_profile).ctx == index.params.n_ctx_train

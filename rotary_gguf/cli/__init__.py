@@ -6,6 +6,7 @@ Library errors (RotaryError) become one line on stderr and exit status 2; nothin
 from __future__ import annotations
 
 import logging
+import sys
 
 import click
 
@@ -20,6 +21,27 @@ class Failure(click.ClickException):
 
     def show(self, file=None) -> None:
         click.echo(f"rotary: error: {self.format_message()}", err=True)
+
+
+class LazyBar:
+    """A click progress bar on stderr, shown from the first report on (so an early error stays one line).
+
+    Call it as progress(done, total[, item]); close() when the work ends."""
+
+    def __init__(self, label: str) -> None:
+        self.label, self.bar, self.done = label, None, 0
+
+    def __call__(self, done: int, total: int, item: str | None = None) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, show_eta=True,
+                                         show_percent=True, item_show_func=lambda name: name)
+            self.bar.__enter__()
+        self.bar.update(done - self.done, item)
+        self.done = done
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 class _Group(click.Group):

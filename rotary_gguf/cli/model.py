@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from rotary_gguf.cli import Failure, main
+from rotary_gguf.cli import Failure, LazyBar, main
 from rotary_gguf.report import format_bytes, format_index
 from rotary_gguf.synth import PRESET_DEFAULT_TYPE, PRESETS, TYPE_NAMES
 
@@ -32,25 +31,6 @@ def inspect(model: Path, as_json: bool) -> None:
         click.echo(format_index(index))
 
 
-class _ByteBar:
-    """A click progress bar fed with (done, total) byte counts, on stderr."""
-
-    def __init__(self, label: str) -> None:
-        self.label, self.bar, self.done = label, None, 0
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr,
-                                         show_eta=True, show_percent=True)
-            self.bar.__enter__()
-        self.bar.update(done - self.done)
-        self.done = done
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(None, None, None)
-
-
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
@@ -65,7 +45,7 @@ def synth(out: Path, preset: str, qtype: str | None, seed: int, force: bool) -> 
 
     if out.exists() and not force:
         raise Failure(f"{out}: exists; pass --force to overwrite")
-    bar = _ByteBar(f"writing {out.name}")
+    bar = LazyBar(f"writing {out.name}")
     try:
         result = synth_model(out, PRESETS[preset], qtype or PRESET_DEFAULT_TYPE[preset], seed=seed,
                              description=f"rotary synth {preset}", progress=bar)
@@ -99,7 +79,7 @@ def demo(preset: str, n_tokens: int) -> None:
     """The embedded default: synthesize a MoE model into the cache, inspect it, generate tokens on llama.cpp."""
     from rotary_gguf.demo import run_demo
 
-    bar = _ByteBar("synthesizing the demo model")
+    bar = LazyBar("synthesizing the demo model")
     try:
         result = run_demo(preset, n_tokens, progress=bar)
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from rotary_gguf.cli import Failure, main
+from rotary_gguf.cli import Failure, LazyBar, main
 from rotary_gguf.plan import LAYER_ORDERS, STRATEGIES
 from rotary_gguf.report import format_bench, format_dry_run, format_placement, format_profile, format_telemetry
 
@@ -253,10 +253,12 @@ def bench(model: Path, profile_name: str, vram_budget: str | None, ctx: int | No
 
     index, profile, budget = _setup(model, profile_name, vram_budget)
     strategies = (only,) if only else STRATEGIES
-    with click.progressbar(length=len(strategies), label="benchmarking", file=sys.stderr,
-                           item_show_func=lambda s: s) as bar:
+    bar = LazyBar("benchmarking")
+    try:
         result = run_bench(model, index, profile, strategies=strategies, vram_budget=budget, ctx=ctx,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
-                           repack=repack, progress=lambda done, name: bar.update(done - bar.pos, name))
-        bar.update(len(strategies) - bar.pos, "done")
+                           repack=repack, progress=lambda done, name: bar(done, len(strategies), name))
+        bar(len(strategies), len(strategies), "done")
+    finally:
+        bar.close()
     click.echo(json.dumps(result.to_json()) if as_json else format_bench(result))
