@@ -3,7 +3,10 @@ streaming replies, context management and telemetry. The terminal loop lives in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -20,6 +23,28 @@ class TemplateError(RotaryError):
 
 def _raise(message: str) -> None:
     raise TemplateError(f"the chat template raised: {message}")
+
+
+RENDER_SECONDS = 2.0  # a chat template renders in milliseconds; one that loops for seconds is hostile
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TemplateError if the block runs longer than `seconds` (main thread only; elsewhere no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: object) -> None:
+        raise TemplateError(f"the chat template did not finish rendering in {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
@@ -46,8 +71,9 @@ class ChatTemplate:
         import jinja2
 
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+            with _time_limit(RENDER_SECONDS):
+                return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                             bos_token=self.bos_token, eos_token=self.eos_token)
         except jinja2.exceptions.SecurityError as exc:
             raise TemplateError(f"the chat template tried something unsafe: {exc}") from None
         except TemplateError:

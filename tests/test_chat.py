@@ -78,6 +78,7 @@ def test_context_full_drops_old_turns(tiny_model):
     ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "unsafe"),
     ("{% for m in messages %}{{ raise_exception('no system role') }}{% endfor %}", "no system role"),
     ("{% for m in messages %}", "does not compile"),
+    ("{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}", "did not finish rendering"),
 ])
 def test_hostile_template_is_one_line_exit_2(tmp_path, template, message):
     path = synth_model(tmp_path / "hostile.gguf", PRESETS["tiny"], "f32", chat_template=template).path
