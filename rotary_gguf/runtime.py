@@ -152,7 +152,7 @@ def _override_array(placement: Placement) -> ctypes.Array | None:
 
 
 @contextlib.contextmanager
-def _llama_construction(overrides: ctypes.Array | None, no_alloc: bool = False, repack: bool = False) -> Iterator[None]:
+def _llama_construction(overrides: ctypes.Array | None, repack: bool = False) -> Iterator[None]:
     """While Llama() runs: llama-cpp-python never sets tensor_buft_overrides (its field is 'unused'), so
     hand it default params that already carry ours; and defer its chat-template compilation."""
     llama_cpp = _llama_cpp()
@@ -163,7 +163,6 @@ def _llama_construction(overrides: ctypes.Array | None, no_alloc: bool = False, 
         params = original()
         if overrides is not None:
             params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-        params.no_alloc = no_alloc
         if overrides is not None and not repack:
             # Overrides to the CPU buffer type still pick the CPU's repacking buffer types (llama.cpp
             # src/llama-model-loader.cpp, "check overrides"), which copy the experts out of the mmap.
@@ -236,14 +235,11 @@ def rss_bytes() -> int:
 
 def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_ctx: int = 512,
          n_threads: int | None = None, n_batch: int = 512, n_ubatch: int = 512, flash_attn: bool = False,
-         kv_cache_type: str = "f16", seed: int = 0, no_alloc: bool = False, repack: bool = False) -> LoadedModel:
+         kv_cache_type: str = "f16", seed: int = 0, repack: bool = False) -> LoadedModel:
     """Load a GGUF with the placement's overrides and GPU layers (no placement: llama.cpp's defaults, CPU).
 
     Host-resident experts stay zero-copy in the mmap unless `repack=True`, which lets llama.cpp copy them
     into its CPU repacking buffers (more RAM; faster CPU matmuls for some types).
-
-    `no_alloc=True` is llama.cpp's dry run: buffers are sized and reported but not allocated (the model
-    cannot generate).
     """
     llama_cpp = _llama_cpp()
     path = Path(path)
@@ -252,7 +248,7 @@ def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_
     gpu = gpu_device_name()
     rss = rss_bytes()
     started = time.perf_counter()
-    with _state["log"].capture() as lines, _llama_construction(overrides, no_alloc, repack):
+    with _state["log"].capture() as lines, _llama_construction(overrides, repack):
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
