@@ -140,6 +140,7 @@ class MoEParams:
     n_ctx_train: int
     n_head: int
     n_head_kv: int
+    n_head_kv_layers: tuple[int, ...]  # per layer (0 for recurrent layers of hybrid models)
     head_dim_k: int
     head_dim_v: int
     n_vocab: int
@@ -390,6 +391,17 @@ def _int_key(meta: dict[str, Any], key: str, default: int = 0) -> int:
         return default
 
 
+def _per_layer(value: Any, n_layer: int) -> tuple[int, ...]:
+    """A hyperparameter that may be one number or one per layer, as one per layer."""
+    if isinstance(value, list):
+        values = [int(v) for v in value][:n_layer]
+        return tuple(values + [values[-1] if values else 0] * (n_layer - len(values)))
+    try:
+        return (int(value),) * n_layer
+    except (TypeError, ValueError):
+        return (0,) * n_layer
+
+
 def _name_tables() -> tuple[dict[str, MODEL_TENSOR], dict[str, MODEL_TENSOR]]:
     per_layer: dict[str, MODEL_TENSOR] = {}
     global_names: dict[str, MODEL_TENSOR] = {}
@@ -512,6 +524,7 @@ def _params(meta: dict[str, Any], entries: list[TensorEntry], blocks: list[Exper
         n_ctx_train=key(Keys.LLM.CONTEXT_LENGTH),
         n_head=n_head,
         n_head_kv=key(Keys.Attention.HEAD_COUNT_KV, n_head),
+        n_head_kv_layers=_per_layer(meta.get(Keys.Attention.HEAD_COUNT_KV.format(arch=arch), n_head), n_layer),
         head_dim_k=key(Keys.Attention.KEY_LENGTH, head_dim),
         head_dim_v=key(Keys.Attention.VALUE_LENGTH, head_dim),
         n_vocab=token_embd.shape[-1] if token_embd else key(Keys.LLM.VOCAB_SIZE),

@@ -89,10 +89,14 @@ class Placement:
 
 
 def kv_cache_bytes(index: ModelIndex, ctx: int, kv_cache_type: str, n_layers: int | None = None) -> int:
-    """K and V for `ctx` tokens in every attention layer (llama.cpp keeps SWA layers full-size here)."""
+    """K and V for `ctx` tokens in the first n_layers layers (default all), as llama.cpp sizes them:
+    per layer n_head_kv x (key_length + value_length) elements per token; layers without KV heads
+    (recurrent layers of hybrid models) hold none; MLA models store their latent this way too; SWA
+    layers are full-size (llama-cpp-python's default)."""
     p = index.params
-    per_token = p.n_head_kv * (p.head_dim_k + p.head_dim_v) * KV_BYTES_PER_ELEMENT[kv_cache_type]
-    return int(math.ceil(per_token * ctx)) * (p.n_layer if n_layers is None else n_layers)
+    heads = sum(p.n_head_kv_layers[: p.n_layer if n_layers is None else n_layers])
+    per_head_token = (p.head_dim_k + p.head_dim_v) * KV_BYTES_PER_ELEMENT[kv_cache_type]
+    return heads * int(math.ceil(per_head_token * ctx))
 
 
 def compute_buffer_bytes(index: ModelIndex, ctx: int, ubatch: int, flash_attention: bool) -> int:

@@ -159,3 +159,29 @@ def test_host_rss_within_ten_percent(small_model):
     assert all(b["name"] != "CPU_REPACK" for b in run["buffers"])  # the experts stayed in the mmap
     ratio = run["rss_delta_bytes"] / run["predicted_host_bytes"]
     assert 0.9 <= ratio <= 1.1, (run["rss_delta_bytes"], run["predicted_host_bytes"])
+
+
+def test_kv_cache_counts_only_layers_with_kv_heads(tmp_path):
+    """Hybrid models give head_count_kv per layer, 0 for recurrent layers: those hold no KV cache."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "hybrid.gguf"
+    writer = GGUFWriter(path, "granitehybrid")
+    writer.add_block_count(4)
+    writer.add_embedding_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv([0, 2, 0, 2])
+    writer.add_key_length(16)
+    writer.add_value_length(16)
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    for i in range(4):
+        writer.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.zeros((4, 32, 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    index = open_index(path)
+    assert index.params.n_head_kv_layers == (0, 2, 0, 2)
+    assert kv_cache_bytes(index, 1000, "f16") == 2 * 2 * (16 + 16) * 2 * 1000
