@@ -98,6 +98,7 @@ class TensorEntry:
     shape: tuple[int, ...]  # ggml order: ne0 (row length) first
     offset: int
     nbytes: int
+    file: int = 0  # index into ModelIndex.files (split models)
 
 
 @dataclass(frozen=True)
@@ -112,9 +113,11 @@ class ExpertBlock:
     nbytes: int
     type: GGMLQuantizationType
     tensor: str
+    file: int = 0  # index into ModelIndex.files (split models)
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "file": self.file,
             "layer": self.layer,
             "expert": self.expert,
             "proj": self.proj,
@@ -151,11 +154,12 @@ class ModelIndex:
     """A typed, frozen view of one GGUF: parameters, classified tensors and per-expert blocks."""
 
     path: Path
-    file_size: int
+    file_size: int  # all files together
     params: MoEParams
     tensors: tuple[TensorEntry, ...]
     experts: tuple[ExpertBlock, ...]
     metadata: dict[str, Any] = field(repr=False, compare=False)
+    files: tuple[Path, ...] = ()  # every file of a split model, in order (offsets are per file)
 
     @property
     def is_moe(self) -> bool:
@@ -237,6 +241,7 @@ class ModelIndex:
         p = self.params
         out: dict[str, Any] = {
             "file": str(self.path),
+            "files": [str(f) for f in self.files],
             "file_size": self.file_size,
             **{k: getattr(p, k) for k in p.__dataclass_fields__},
             "n_tensors": len(self.tensors),
@@ -469,12 +474,12 @@ def _expert_blocks(entry: TensorEntry, proj: str, part: str) -> list[ExpertBlock
         )
     size = entry.nbytes // n_expert
     return [
-        ExpertBlock(entry.layer or 0, e, proj, part, entry.offset + e * size, size, entry.type, entry.name)
+        ExpertBlock(entry.layer or 0, e, proj, part, entry.offset + e * size, size, entry.type, entry.name, entry.file)
         for e in range(n_expert)
     ]
 
 
-def _entries_and_blocks(reader: GGUFReader) -> tuple[list[TensorEntry], list[ExpertBlock]]:
+def _entries_and_blocks(reader: GGUFReader, file: int) -> tuple[list[TensorEntry], list[ExpertBlock]]:
     entries: list[TensorEntry] = []
     blocks: list[ExpertBlock] = []
     for t in reader.tensors:
@@ -482,17 +487,16 @@ def _entries_and_blocks(reader: GGUFReader) -> tuple[list[TensorEntry], list[Exp
         legacy = _LEGACY_EXPERT.match(t.name)
         if legacy:
             layer, proj, expert, part = int(legacy[1]), legacy[2], int(legacy[3]), legacy[4]
-            cls = TensorClass.EXPERT_BIAS if part != "weight" else TensorClass.ROUTED_EXPERT
-            entry = TensorEntry(t.name, cls, layer, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes))
-            blocks.append(ExpertBlock(layer, expert, proj, part, entry.offset, entry.nbytes, entry.type, t.name))
+            cls = TensorClass.ROUTED_EXPERT if part == "weight" else TensorClass.EXPERT_BIAS
+            entry = TensorEntry(t.name, cls, layer, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes), file)
+            blocks.append(ExpertBlock(layer, expert, proj, part, entry.offset, entry.nbytes, entry.type, t.name, file))
             entries.append(entry)
             continue
         cls, layer, kind, part = classify(t.name)
-        entry = TensorEntry(t.name, cls, layer, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes))
+        entry = TensorEntry(t.name, cls, layer, t.tensor_type, shape, int(t.data_offset), int(t.n_bytes), file)
         entries.append(entry)
         if cls in (TensorClass.ROUTED_EXPERT, TensorClass.EXPERT_BIAS) and kind is not None:
             blocks.extend(_expert_blocks(entry, _ROUTED_PROJ[kind], part))
-    blocks.sort(key=lambda b: (b.layer, b.expert, _PROJ_ORDER.get(b.proj, 99), b.proj, b.part))
     return entries, blocks
 
 
@@ -531,23 +535,56 @@ def _params(meta: dict[str, Any], entries: list[TensorEntry], blocks: list[Exper
     )
 
 
+_SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def _split_files(path: Path, meta: dict[str, Any]) -> list[Path]:
+    """All files of a split model (llama.cpp's NAME-0000i-of-0000n.gguf), or just `path`."""
+    count = _int_key(meta, "split.count", 1)
+    if count <= 1:
+        return [path]
+    m = _SPLIT_NAME.match(path.name)
+    if not m or int(m.group(3)) != count:
+        raise MalformedGGUFError(f"{path}: split model of {count} files, but the name does not follow "
+                                 f"NAME-00001-of-{count:05d}.gguf")
+    files = [path.with_name(f"{m.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MalformedGGUFError(f"{path}: split model is missing {missing[0]} ({len(missing)} of {count} files)")
+    return files
+
+
 def open_index(path: str | os.PathLike[str]) -> ModelIndex:
-    """Index a GGUF file: headers only, tensor data stays in the mmap.
+    """Index a GGUF file (every file of a split model): headers only, tensor data stays in the mmap.
 
     Raises NotGGUFError, MalformedGGUFError or UnknownTypeError (all RotaryError) for bad files.
     """
     path = Path(path)
     reader = _read(path)
     meta = _metadata(reader)
-    try:
-        entries, blocks = _entries_and_blocks(reader)
-    except MalformedGGUFError as exc:
-        raise MalformedGGUFError(f"{path}: {exc}") from None
+    files = _split_files(path, meta)
+    readers = [reader if f == path else _read(f) for f in files]
+    if len(files) > 1 and files[0] != path:
+        meta = _metadata(readers[0])  # the model's metadata lives in the first file
+    entries: list[TensorEntry] = []
+    blocks: list[ExpertBlock] = []
+    for number, (file, file_reader) in enumerate(zip(files, readers, strict=True)):
+        try:
+            file_entries, file_blocks = _entries_and_blocks(file_reader, number)
+        except MalformedGGUFError as exc:
+            raise MalformedGGUFError(f"{file}: {exc}") from None
+        entries += file_entries
+        blocks += file_blocks
+    expected = _int_key(meta, "split.tensors.count", len(entries))
+    if expected != len(entries):
+        raise MalformedGGUFError(f"{files[0]}: split model declares {expected} tensors, its files hold {len(entries)}")
+    blocks.sort(key=lambda b: (b.layer, b.expert, _PROJ_ORDER.get(b.proj, 99), b.proj, b.part))
     return ModelIndex(
-        path=path,
-        file_size=len(reader.data),
+        path=files[0],
+        file_size=sum(len(r.data) for r in readers),
         params=_params(meta, entries, blocks),
         tensors=tuple(entries),
         experts=tuple(blocks),
         metadata=meta,
+        files=tuple(files),
     )

@@ -32,7 +32,8 @@ def format_index(index: ModelIndex) -> str:
     p = index.params
     total = sum(index.bytes_by_class.values()) or 1
     lines = [
-        f"model          {index.path} ({format_bytes(index.file_size)})",
+        f"model          {index.path} ({format_bytes(index.file_size)}"
+        + (f" in {len(index.files)} split files)" if len(index.files) > 1 else ")"),
         f"architecture   {p.arch}: {p.n_layer} layers ({len(index.moe_layers)} with routed experts), "
         f"{p.n_expert} experts, {p.n_expert_used} used per token"
         + (f", {p.n_expert_shared} shared" if p.n_expert_shared else ""),

@@ -29,7 +29,7 @@ def test_inspect_json_matches_index(tiny_model):
     assert data["bytes_by_class"] == index.bytes_by_class
     assert len(data["experts"]) == len(index.experts) == 2 * 8 * 3
     first = data["experts"][0]
-    assert first == {"layer": 0, "expert": 0, "proj": "gate", "part": "weight",
+    assert first == {"file": 0, "layer": 0, "expert": 0, "proj": "gate", "part": "weight",
                      "offset": index.experts[0].offset, "nbytes": 64 * 32 * 4, "type": "F32"}
 
 

@@ -170,3 +170,47 @@ def test_long_metadata_arrays_keep_their_values(models_dir):
     key = "tokenizer.ggml.token_type"
     assert ours.fields[key].contents() == theirs.fields[key].contents()
     assert open_index(path).metadata["tokenizer.ggml.tokens"] == "<array of 3000 string>"
+
+
+def _write_split(src, out_dir, max_tensors):
+    """Rewrite a GGUF as llama.cpp's split files (NAME-0000i-of-0000n.gguf) with gguf-py's writer."""
+    from gguf import GGUFValueType
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(out_dir / "split.gguf", reader.fields["general.architecture"].contents(),
+                        split_max_tensors=max_tensors)
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub_type = fld.types[-1] if fld.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, fld.contents(), fld.types[0], sub_type=sub_type)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sorted(out_dir.glob("split-*-of-*.gguf"))
+
+
+def test_split_model_indexes_every_file(tiny_model, tmp_path):
+    from rotary_gguf import runtime
+    from rotary_gguf.errors import MalformedGGUFError
+
+    files = _write_split(tiny_model, tmp_path, max_tensors=10)
+    assert len(files) == 3
+    whole, split = open_index(tiny_model), open_index(files[0])
+    assert split.files == tuple(files) and open_index(files[1]).files == tuple(files)
+    assert split.bytes_by_class == whole.bytes_by_class and split.params == whole.params
+    raw = {i: np.memmap(f, mode="r") for i, f in enumerate(files)}
+    reference = np.memmap(tiny_model, mode="r")
+    for a, b in zip(whole.experts, split.experts, strict=True):
+        assert (a.layer, a.expert, a.proj) == (b.layer, b.expert, b.proj)
+        assert bytes(reference[a.offset:a.offset + a.nbytes]) == bytes(raw[b.file][b.offset:b.offset + b.nbytes])
+    assert {b.file for b in split.experts} != {0}
+    prompt = "<|im_start|>user\nsplit?<|im_end|>\n"
+    assert runtime.generate(runtime.load(files[0]).llm, prompt, 6).tokens == \
+        runtime.generate(runtime.load(tiny_model).llm, prompt, 6).tokens
+    files[2].unlink()
+    with pytest.raises(MalformedGGUFError, match="missing split-00003-of-00003.gguf"):
+        open_index(files[0])
