@@ -214,3 +214,28 @@ def test_split_model_indexes_every_file(tiny_model, tmp_path):
     files[2].unlink()
     with pytest.raises(MalformedGGUFError, match="missing split-00003-of-00003.gguf"):
         open_index(files[0])
+
+
+def test_mxfp4_experts_split_byte_exactly(tmp_path):
+    """gpt-oss ships its experts in MXFP4 (17-byte blocks of 32): the split is generic over block types."""
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((4, 64, 64), dtype=np.float32)  # experts, rows, cols
+    packed = quantize(values, GGMLQuantizationType.MXFP4)
+    path = tmp_path / "mxfp4.gguf"
+    writer = GGUFWriter(path, "gpt-oss")
+    writer.add_block_count(1)
+    writer.add_expert_count(4)
+    writer.add_expert_used_count(2)
+    writer.add_tensor("blk.0.ffn_up_exps.weight", packed, raw_dtype=GGMLQuantizationType.MXFP4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    index = open_index(path)
+    block = index.experts[3]
+    assert block.type is GGMLQuantizationType.MXFP4 and block.nbytes == 64 * 64 // 32 * 17
+    raw = np.memmap(path, mode="r")
+    alone = dequantize(np.asarray(raw[block.offset:block.offset + block.nbytes]), GGMLQuantizationType.MXFP4)
+    np.testing.assert_array_equal(alone.reshape(64, 64), dequantize(packed, GGMLQuantizationType.MXFP4)[3])
