@@ -205,6 +205,11 @@ def chat(model: Path, profile_name: str, vram_budget: str | None, ctx: int | Non
 def _chat_loop(session, placement) -> None:
     from rotary_gguf.errors import RotaryError
 
+    try:
+        import readline  # noqa: F401  (line editing and history for input() in a real terminal)
+    except ImportError:
+        pass
+
     while True:
         try:
             line = input("> ")
