@@ -150,7 +150,7 @@ def format_profile(profile) -> str:
     ])
 
 
-def format_telemetry(generation, telemetry, placement) -> str:
+def format_telemetry(generation, telemetry, placement, rss_before_load: int) -> str:
     """The `/stats` lines of `rotary chat`."""
     lines = []
     if generation is not None:
@@ -163,8 +163,9 @@ def format_telemetry(generation, telemetry, placement) -> str:
                      f"predicted {format_bytes(placement.predicted_vram_bytes)}")
     else:
         lines.append("VRAM           no NVIDIA GPU")
-    lines.append(f"host RSS       {format_bytes(telemetry.rss_bytes)} (predicted for the model: "
-                 f"{format_bytes(placement.predicted_host_bytes)})")
+    lines.append(f"host RSS       {format_bytes(telemetry.rss_bytes)}; the model added "
+                 f"{format_bytes(telemetry.rss_bytes - rss_before_load)}, planned "
+                 f"{format_bytes(placement.predicted_host_bytes)}")
     return "\n".join(lines)
 
 

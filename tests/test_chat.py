@@ -28,7 +28,7 @@ def test_chat_turns_stats_reset_exit(tiny_model):
     child.sendline("/stats")
     child.expect(r"last reply +\d+ prompt tokens at [0-9.]+ tok/s, \d+ tokens at [0-9.]+ tok/s")
     child.expect("VRAM +no NVIDIA GPU")
-    child.expect(r"host RSS +[0-9.]+ MiB")
+    child.expect(r"host RSS +[0-9.]+ MiB; the model added [0-9.]+ MiB, planned [0-9.]+ MiB")
     child.expect("> ")
     child.sendline("/reset")
     child.expect(r"\[conversation cleared\]")

@@ -229,7 +229,7 @@ def _chat_loop(session, placement) -> None:
             click.echo("[conversation cleared]")
             continue
         if command == "/stats":
-            click.echo(format_telemetry(session.last, session.telemetry(), placement))
+            click.echo(format_telemetry(session.last, session.telemetry(), placement, session.model.rss_before_load))
             continue
         try:
             reply = session.send(line, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
