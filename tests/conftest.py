@@ -54,3 +54,20 @@ def small_model(models_dir: Path) -> Path:
 def real_shapes_header(models_dir: Path) -> Path:
     """The qwen3-30b-a3b preset as a sparse file: a real-shaped index without 17 GB on disk."""
     return synth_model(models_dir / "q30-sparse.gguf", PRESETS["qwen3-30b-a3b"], "q4_k", sparse=True).path
+
+
+def write_gguf(path: Path, arch: str, tensors: list, **hparams) -> Path:
+    """A small GGUF written with gguf-py: `hparams` name GGUFWriter.add_* calls (block_count=4 calls
+    add_block_count(4)); `tensors` are (name, array) or (name, raw bytes array, ggml type)."""
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, arch)
+    for key, value in hparams.items():
+        getattr(writer, f"add_{key}")(value)
+    for name, array, *raw_type in tensors:
+        writer.add_tensor(name, array, raw_dtype=raw_type[0] if raw_type else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

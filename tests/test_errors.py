@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import write_gguf
 from gguf import GGUFReader
 
 from rotary_gguf.cli import main
@@ -85,16 +86,8 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def test_dense_model_to_experts_view(tmp_path):
-    from gguf import GGUFWriter
-
-    path = tmp_path / "dense.gguf"
-    writer = GGUFWriter(path, "llama")
-    writer.add_block_count(1)
-    writer.add_tensor("blk.0.ffn_up.weight", np.zeros((64, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(tmp_path / "dense.gguf", "llama", [("blk.0.ffn_up.weight", np.zeros((64, 32), np.float32))],
+                      block_count=1)
     with pytest.raises(NotMoEError):
         open_index(path).require_moe()
     result = CliRunner().invoke(main, ["inspect", "--json", str(path)])

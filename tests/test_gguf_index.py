@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import write_gguf
 from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
@@ -110,17 +111,8 @@ def test_classify(name, cls, layer):
 
 
 def _write_custom(path, tensors, arch="llama", n_expert=4):
-    writer = GGUFWriter(path, arch)
-    writer.add_block_count(1)
-    writer.add_expert_count(n_expert)
-    writer.add_expert_used_count(2)
-    writer.add_embedding_length(32)
-    for name, array in tensors:
-        writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    return write_gguf(path, arch, tensors, block_count=1, expert_count=n_expert, expert_used_count=2,
+                      embedding_length=32)
 
 
 def test_fused_gate_up_and_legacy_per_expert_tensors(tmp_path):
@@ -223,16 +215,9 @@ def test_mxfp4_experts_split_byte_exactly(tmp_path):
     rng = np.random.default_rng(1)
     values = rng.standard_normal((4, 64, 64), dtype=np.float32)  # experts, rows, cols
     packed = quantize(values, GGMLQuantizationType.MXFP4)
-    path = tmp_path / "mxfp4.gguf"
-    writer = GGUFWriter(path, "gpt-oss")
-    writer.add_block_count(1)
-    writer.add_expert_count(4)
-    writer.add_expert_used_count(2)
-    writer.add_tensor("blk.0.ffn_up_exps.weight", packed, raw_dtype=GGMLQuantizationType.MXFP4)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(tmp_path / "mxfp4.gguf", "gpt-oss",
+                      [("blk.0.ffn_up_exps.weight", packed, GGMLQuantizationType.MXFP4)],
+                      block_count=1, expert_count=4, expert_used_count=2)
     index = open_index(path)
     block = index.experts[3]
     assert block.type is GGMLQuantizationType.MXFP4 and block.nbytes == 64 * 64 // 32 * 17

@@ -9,7 +9,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import write_gguf
 
 from rotary_gguf import runtime
 from rotary_gguf.gguf import TensorClass, open_index
@@ -92,24 +94,11 @@ def test_cpu_only_keeps_experts_in_the_mmap(tiny_model):
 
 
 def test_dense_model_places_whole_layers(tmp_path):
-    import numpy as np
-    from gguf import GGUFWriter
-
-    path = tmp_path / "dense.gguf"
-    writer = GGUFWriter(path, "llama")
-    writer.add_block_count(4)
-    writer.add_embedding_length(64)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(4)
-    writer.add_context_length(4096)
-    writer.add_tensor("token_embd.weight", np.zeros((1000, 64), np.float32))
-    writer.add_tensor("output.weight", np.zeros((1000, 64), np.float32))
-    for i in range(4):
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", np.zeros((4096, 64), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    zeros = np.zeros
+    tensors = [("token_embd.weight", zeros((1000, 64), np.float32)), ("output.weight", zeros((1000, 64), np.float32))]
+    tensors += [(f"blk.{i}.ffn_up.weight", zeros((4096, 64), np.float32)) for i in range(4)]
+    path = write_gguf(tmp_path / "dense.gguf", "llama", tensors, block_count=4, embedding_length=64,
+                      head_count=4, head_count_kv=4, context_length=4096)
     index = open_index(path)
     tiny_gpu = replace(LAPTOP, gpu_overhead_bytes=0, vram_budget_bytes=0)
     placement = plan_placement(index, tiny_gpu, vram_budget=7 * 2**20, ctx=512)
@@ -163,25 +152,10 @@ def test_host_rss_within_ten_percent(small_model):
 
 def test_kv_cache_counts_only_layers_with_kv_heads(tmp_path):
     """Hybrid models give head_count_kv per layer, 0 for recurrent layers: those hold no KV cache."""
-    import numpy as np
-    from gguf import GGUFWriter
-
-    path = tmp_path / "hybrid.gguf"
-    writer = GGUFWriter(path, "granitehybrid")
-    writer.add_block_count(4)
-    writer.add_embedding_length(64)
-    writer.add_head_count(4)
-    writer.add_head_count_kv([0, 2, 0, 2])
-    writer.add_key_length(16)
-    writer.add_value_length(16)
-    writer.add_expert_count(4)
-    writer.add_expert_used_count(2)
-    for i in range(4):
-        writer.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.zeros((4, 32, 64), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    experts = [(f"blk.{i}.ffn_up_exps.weight", np.zeros((4, 32, 64), np.float32)) for i in range(4)]
+    path = write_gguf(tmp_path / "hybrid.gguf", "granitehybrid", experts, block_count=4, embedding_length=64,
+                      head_count=4, head_count_kv=[0, 2, 0, 2], key_length=16, value_length=16, expert_count=4,
+                      expert_used_count=2)
     index = open_index(path)
     assert index.params.n_head_kv_layers == (0, 2, 0, 2)
     assert kv_cache_bytes(index, 1000, "f16") == 2 * 2 * (16 + 16) * 2 * 1000
