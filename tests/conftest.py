@@ -7,18 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from rotary_gguf.synth import PRESETS, ModelSpec, synth_model
+from rotary_gguf.synth import ARCHITECTURES, PRESETS, ModelSpec, synth_model
+from rotary_gguf.synth.spec import for_arch
 
 TINY = PRESETS["tiny"]
 # Rows of 256 so that every type, K-quants included, stores the experts without fallback.
 WIDE = replace(TINY, n_embd=256, n_ff_exp=256, head_dim=64)
-ARCH_SPECS: dict[str, ModelSpec] = {
-    "qwen3moe": TINY,
-    "qwen2moe": replace(TINY, arch="qwen2moe", n_ff_shexp=48),
-    "llama": replace(TINY, arch="llama"),
-    "olmoe": replace(TINY, arch="olmoe", n_head_kv=4),
-    "gpt-oss": replace(TINY, arch="gpt-oss"),
-}
+ARCH_SPECS: dict[str, ModelSpec] = {arch: for_arch(TINY, arch) for arch in ARCHITECTURES}
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from rotary_gguf.cli import main
@@ -69,3 +70,14 @@ def test_help_lists_commands():
     assert result.exit_code == 0
     for command in ("inspect", "synth", "synth-hf", "demo"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("arch", ["qwen2moe", "llama", "olmoe", "gpt-oss"])
+def test_synth_other_architectures_run(tmp_path, arch):
+    from rotary_gguf import runtime
+
+    out = tmp_path / f"{arch}.gguf"
+    result = CliRunner().invoke(main, ["synth", str(out), "--arch", arch, "--type", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert open_index(out).params.arch == arch
+    assert runtime.generate(runtime.load(out).llm, "<|im_start|>user\nhi<|im_end|>\n", 4).prompt_tokens > 0

@@ -79,7 +79,7 @@ def test_architectures(arch_models, arch):
     assert len(weights) == 2 * 8 * 3
     assert index.params.n_ff_exp == 32
     if arch == "qwen2moe":
-        assert index.bytes_by_class["shared_expert"] > 0 and index.params.n_ff_shexp == 48
+        assert index.bytes_by_class["shared_expert"] > 0 and index.params.n_ff_shexp == 4 * 32
     if arch == "gpt-oss":
         biases = [b for b in index.experts if b.part == "bias"]
         assert len(biases) == 2 * 8 * 3 and index.bytes_by_class["expert_bias"] > 0

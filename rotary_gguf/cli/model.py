@@ -9,7 +9,7 @@ import click
 
 from rotary_gguf.cli import Failure, LazyBar, main
 from rotary_gguf.report import format_bytes, format_index
-from rotary_gguf.synth import PRESET_DEFAULT_TYPE, PRESETS, TYPE_NAMES
+from rotary_gguf.synth import ARCHITECTURES, PRESET_DEFAULT_TYPE, PRESETS, TYPE_NAMES
 
 HF_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
 
@@ -37,21 +37,24 @@ def inspect(model: Path, as_json: bool) -> None:
               help="Model shapes: tiny (tests), small (CPU benchmarks), qwen3-30b-a3b (real shapes, ~17 GB).")
 @click.option("--type", "qtype", type=click.Choice(sorted(TYPE_NAMES)), default=None,
               help="ggml type of the weights [default: f32 for tiny, q4_k otherwise].")
+@click.option("--arch", type=click.Choice(ARCHITECTURES), default="qwen3moe", show_default=True,
+              help="Tensor layout: qwen3moe, qwen2moe (shared expert), llama (Mixtral), olmoe, gpt-oss (biases).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def synth(out: Path, preset: str, qtype: str | None, seed: int, force: bool) -> None:
-    """Write a synthetic random-weight qwen3moe GGUF that llama.cpp loads and runs."""
+def synth(out: Path, preset: str, qtype: str | None, arch: str, seed: int, force: bool) -> None:
+    """Write a synthetic random-weight MoE GGUF that llama.cpp loads and runs."""
     from rotary_gguf.synth import synth_model
+    from rotary_gguf.synth.spec import for_arch
 
     if out.exists() and not force:
         raise Failure(f"{out}: exists; pass --force to overwrite")
     bar = LazyBar(f"writing {out.name}")
     try:
-        result = synth_model(out, PRESETS[preset], qtype or PRESET_DEFAULT_TYPE[preset], seed=seed,
-                             description=f"rotary synth {preset}", progress=bar)
+        result = synth_model(out, for_arch(PRESETS[preset], arch), qtype or PRESET_DEFAULT_TYPE[preset], seed=seed,
+                             description=f"rotary synth {preset} {arch}", progress=bar)
     finally:
         bar.close()
-    click.echo(f"wrote {result.path} ({format_bytes(result.nbytes)}, preset {preset}, "
+    click.echo(f"wrote {result.path} ({format_bytes(result.nbytes)}, preset {preset}, {arch}, "
                f"{result.qtype.name}, seed {seed}) in {result.seconds:.1f} s")
 
 

@@ -67,6 +67,20 @@ class TensorSpec:
     std: float
 
 
+def for_arch(spec: ModelSpec, arch: str) -> ModelSpec:
+    """The same shapes in another architecture's layout, with what that architecture needs: qwen2moe
+    gets a shared expert (4x the expert width, as Qwen1.5-MoE), olmoe full multi-head attention
+    (its q/k norms span the whole projection)."""
+    if arch == spec.arch:
+        return spec
+    changed = replace(spec, arch=arch, n_ff_shexp=0)
+    if arch == "qwen2moe":
+        changed = replace(changed, n_ff_shexp=4 * spec.n_ff_exp)
+    if arch == "olmoe":
+        changed = replace(changed, n_head_kv=spec.n_head)
+    return changed
+
+
 def with_vocab(spec: ModelSpec, n_vocab: int) -> ModelSpec:
     """The spec with its vocabulary size fixed (the embedded vocabulary's, unless the preset pads it)."""
     if spec.n_vocab and spec.n_vocab < n_vocab:
