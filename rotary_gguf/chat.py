@@ -133,8 +133,8 @@ class ChatSession:
         keeps what was said so far."""
         self.messages.append({"role": "user", "content": text})
         ids, dropped = self._fit()
-        budget = min(self.max_reply_tokens, runtime.context_size(self.model.llm) - len(ids))
-        generation = runtime.generate_ids(self.model.llm, ids, budget, temp=self.temp, seed=self.seed,
+        # generate_ids stops at the end of the context by itself
+        generation = runtime.generate_ids(self.model.llm, ids, self.max_reply_tokens, temp=self.temp, seed=self.seed,
                                           stream=stream, keep_state=True)
         self.seed += 1
         self.messages.append({"role": "assistant", "content": generation.text})
