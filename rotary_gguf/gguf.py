@@ -191,6 +191,11 @@ class ModelIndex:
         return {layer: dict(layers[layer]) for layer in sorted(layers)}
 
     @cached_property
+    def type_counts(self) -> dict[str, int]:
+        """How many tensors of each ggml type, most common first."""
+        return dict(Counter(t.type.name for t in self.tensors).most_common())
+
+    @cached_property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(sorted({b.layer for b in self.experts}))
 
@@ -253,7 +258,7 @@ class ModelIndex:
             "expert_bytes_by_layer": {str(layer): self.expert_bytes(layer) for layer in self.moe_layers},
             "vram_resident_bytes": self.vram_resident_bytes,
             "host_capable_bytes": self.host_capable_bytes,
-            "types": dict(Counter(t.type.name for t in self.tensors)),
+            "types": self.type_counts,
         }
         if with_experts:
             out["experts"] = [b.to_json() for b in self.experts]

@@ -41,7 +41,7 @@ def format_index(index: ModelIndex) -> str:
         + (f", shared-expert FFN {p.n_ff_shexp}" if p.n_ff_shexp else "")
         + f", heads {p.n_head} (KV {p.n_head_kv}, head dim {p.head_dim_k}/{p.head_dim_v}), "
         f"vocab {p.n_vocab}, trained context {p.n_ctx_train}",
-        f"tensor types   {_types(index)}",
+        f"tensor types   {', '.join(f'{name} x{n}' for name, n in index.type_counts.items())}",
         "",
         f"{'tensor class':<22}{'bytes':>12}{'share':>8}",
     ]
@@ -60,13 +60,6 @@ def format_index(index: ModelIndex) -> str:
         f"can be host    {format_bytes(index.host_capable_bytes)} (routed experts and their biases, token embedding)",
     ]
     return "\n".join(lines)
-
-
-def _types(index: ModelIndex) -> str:
-    counts: dict[str, int] = {}
-    for t in index.tensors:
-        counts[t.type.name] = counts.get(t.type.name, 0) + 1
-    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _layers(layers: tuple[int, ...] | list[int]) -> str:
