@@ -16,33 +16,46 @@ class Telemetry:
     vram_total_bytes: int | None
 
 
-def _vram() -> tuple[int, int] | None:
-    """(bytes this process uses on GPU 0, total) or None without an NVIDIA driver."""
-    try:
-        import pynvml
+class _Nvml:
+    """NVML opened once (None where there is no NVIDIA driver), read as often as needed, then closed."""
 
-        pynvml.nvmlInit()
-    except Exception:  # no driver, no library: no VRAM to report
-        return None
-    try:
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        total = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-        used = None
+    def __init__(self) -> None:
+        self.handle = None
         try:
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception:  # no driver, no library: no VRAM to report
+            return
+        self._nvml = pynvml
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+    def read(self) -> tuple[int, int] | None:
+        """(bytes this process uses on GPU 0, total); the whole GPU's use when the driver hides processes."""
+        if self.handle is None:
+            return None
+        nvml = self._nvml
+        memory = nvml.nvmlDeviceGetMemoryInfo(self.handle)
+        try:
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
                 if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
-                    used = int(proc.usedGpuMemory)
-        except pynvml.NVMLError:
+                    return int(proc.usedGpuMemory), int(memory.total)
+        except nvml.NVMLError:
             pass
-        if used is None:
-            used = int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-        return used, total
-    finally:
-        pynvml.nvmlShutdown()
+        return int(memory.used), int(memory.total)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self._nvml.nvmlShutdown()
+            self.handle = None
 
 
 def sample_telemetry() -> Telemetry:
-    vram = _vram()
+    nvml = _Nvml()
+    try:
+        vram = nvml.read()
+    finally:
+        nvml.close()
     rss = psutil.Process().memory_info().rss
     return Telemetry(rss, vram[0] if vram else None, vram[1] if vram else None)
 
@@ -56,20 +69,21 @@ class PeakSampler:
         self.peak_vram: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._has_gpu = _vram() is not None
+        self._process = psutil.Process()
+        self._nvml: _Nvml | None = None
 
     def _sample(self) -> None:
-        self.peak_rss = max(self.peak_rss, psutil.Process().memory_info().rss)
-        if self._has_gpu:
-            vram = _vram()
-            if vram:
-                self.peak_vram = max(self.peak_vram or 0, vram[0])
+        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+        vram = self._nvml.read() if self._nvml else None
+        if vram:
+            self.peak_vram = max(self.peak_vram or 0, vram[0])
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
     def __enter__(self) -> PeakSampler:
+        self._nvml = _Nvml()
         self._sample()
         self._thread.start()
         return self
@@ -78,3 +92,4 @@ class PeakSampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+        self._nvml.close()
