@@ -1,0 +1,232 @@
+// The C API (rotary_sched.h): model configuration, slots, residency and statistics.
+#include "rotary_sched.h"
+#include "scheduler.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <set>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace rotary {
+
+static std::string last_error;
+
+void set_error(const std::string & message) {
+    last_error = message;
+}
+
+static int fail(const std::string & message) {
+    set_error(message);
+    return -1;
+}
+
+bool map_file(const std::string & path, MappedFile & file) {
+    const int fd = open(path.c_str(), O_RDONLY);
+    if (fd < 0) {
+        return fail(path + ": " + std::strerror(errno)) == 0;
+    }
+    struct stat st = {};
+    void * base = MAP_FAILED;
+    if (fstat(fd, &st) == 0 && st.st_size > 0) {
+        base = mmap(nullptr, (size_t) st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+    }
+    const int err = errno;
+    close(fd);
+    if (base == MAP_FAILED) {
+        return fail(path + ": cannot map the file: " + std::strerror(err)) == 0;
+    }
+    file = { path, (const uint8_t *) base, (size_t) st.st_size };
+    return true;
+}
+
+void unmap_file(MappedFile & file) {
+    if (file.base) {
+        munmap((void *) file.base, file.size);
+    }
+    file.base = nullptr;
+}
+
+static void free_slots(Layer & layer) {
+    ggml_backend_buffer_free(layer.buffer);
+    if (layer.ctx) {
+        ggml_free(layer.ctx);
+    }
+    layer.buffer = nullptr;
+    layer.ctx = nullptr;
+    layer.slot_of_expert.assign(layer.n_expert, -1);
+    layer.expert_in_slot.clear();
+    layer.n_resident = 0;
+}
+
+}  // namespace rotary
+
+using namespace rotary;
+
+const char * rotary_sched_last_error(void) {
+    return last_error.c_str();
+}
+
+void rotary_sched_reset(void) {
+    scheduler().reset();
+}
+
+int rotary_sched_add_file(const char * path) {
+    MappedFile file;
+    if (!map_file(path, file)) {
+        return -1;
+    }
+    scheduler().files.push_back(file);
+    return (int) scheduler().files.size() - 1;
+}
+
+int rotary_sched_add_tensor(const char * name, int file, uint64_t offset, uint64_t expert_bytes, int n_expert,
+                            int type, int64_t ne0, int64_t ne1) {
+    Scheduler & s = scheduler();
+    const int layer = layer_of(name);
+    if (layer < 0 || !is_routed_expert(name)) {
+        return fail(std::string(name) + ": not a routed-expert tensor name (blk.N.ffn_*_exps.*)");
+    }
+    if (file < 0 || file >= (int) s.files.size()) {
+        return fail(std::string(name) + ": unknown file index " + std::to_string(file));
+    }
+    if (type < 0 || type >= GGML_TYPE_COUNT || ggml_blck_size((ggml_type) type) <= 0 || ne0 <= 0 || ne1 <= 0
+        || n_expert <= 0 || ggml_row_size((ggml_type) type, ne0) * ne1 != expert_bytes) {
+        return fail(std::string(name) + ": type " + std::to_string(type) + " and shape " + std::to_string(ne0) + "x"
+                    + std::to_string(ne1) + " do not make " + std::to_string(expert_bytes) + " bytes per expert");
+    }
+    if (offset + expert_bytes * (uint64_t) n_expert > s.files[file].size) {
+        return fail(std::string(name) + ": experts end past the end of " + s.files[file].path);
+    }
+    Layer & l = s.layers[layer];
+    if (l.n_expert && l.n_expert != n_expert) {
+        return fail(std::string(name) + ": " + std::to_string(n_expert) + " experts, other tensors of layer "
+                    + std::to_string(layer) + " have " + std::to_string(l.n_expert));
+    }
+    if (!l.n_expert) {
+        l.n_expert = n_expert;
+        l.counts.assign(n_expert, 0);
+        l.slot_of_expert.assign(n_expert, -1);
+    }
+    ExpertTensor t;
+    t.name = name;
+    t.layer = layer;
+    t.file = file;
+    t.offset = offset;
+    t.expert_bytes = expert_bytes;
+    t.n_expert = n_expert;
+    t.type = (ggml_type) type;
+    t.ne0 = ne0;
+    t.ne1 = ne1;
+    t.counts_routing = std::strstr(name, "ffn_down_") != nullptr && std::strstr(name, ".weight") != nullptr;
+    s.tensor_by_name[t.name] = (int) s.tensors.size();
+    l.tensors.push_back((int) s.tensors.size());
+    s.tensors.push_back(t);
+    return (int) s.tensors.size() - 1;
+}
+
+int rotary_sched_set_slots(int layer, int n_slots) {
+    Scheduler & s = scheduler();
+    auto found = s.layers.find(layer);
+    if (found == s.layers.end()) {
+        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    }
+    if (!s.registered) {
+        return fail("the scheduler is not registered");
+    }
+    Layer & l = found->second;
+    free_slots(l);
+    if (n_slots <= 0) {
+        return 0;
+    }
+    n_slots = std::min(n_slots, l.n_expert);
+    ggml_init_params params = { ggml_tensor_overhead() * l.tensors.size(), nullptr, true };
+    l.ctx = ggml_init(params);
+    for (int i : l.tensors) {
+        ExpertTensor & t = s.tensors[i];
+        t.slots = ggml_new_tensor_3d(l.ctx, t.type, t.ne0, t.ne1, n_slots);
+        ggml_format_name(t.slots, "%s.slots", t.name.c_str());
+    }
+    l.buffer = ggml_backend_alloc_ctx_tensors_from_buft(l.ctx, ggml_backend_dev_buffer_type(s.slot_dev));
+    if (!l.buffer) {
+        free_slots(l);
+        return fail("cannot allocate " + std::to_string(n_slots) + " expert slots of layer " + std::to_string(layer)
+                    + " on " + ggml_backend_dev_name(s.slot_dev));
+    }
+    l.expert_in_slot.assign(n_slots, -1);
+    return n_slots;
+}
+
+int rotary_sched_set_resident(int layer, const int32_t * experts, int n_experts) {
+    Scheduler & s = scheduler();
+    auto found = s.layers.find(layer);
+    if (found == s.layers.end()) {
+        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    }
+    Layer & l = found->second;
+    if (n_experts < 0 || n_experts > (int) l.expert_in_slot.size()) {
+        return fail("layer " + std::to_string(layer) + ": " + std::to_string(n_experts) + " experts for "
+                    + std::to_string(l.expert_in_slot.size()) + " slots");
+    }
+    std::set<int32_t> seen;
+    for (int k = 0; k < n_experts; k++) {
+        if (experts[k] < 0 || experts[k] >= l.n_expert || !seen.insert(experts[k]).second) {
+            return fail("layer " + std::to_string(layer) + ": expert " + std::to_string(experts[k])
+                        + " is out of range or repeated");
+        }
+    }
+    l.slot_of_expert.assign(l.n_expert, -1);
+    for (int k = 0; k < (int) l.expert_in_slot.size(); k++) {
+        const int32_t e = k < n_experts ? experts[k] : -1;
+        if (e >= 0 && l.expert_in_slot[k] != e) {
+            for (int i : l.tensors) {
+                const ExpertTensor & t = s.tensors[i];
+                const uint8_t * block = s.files[t.file].base + t.offset + (uint64_t) e * t.expert_bytes;
+                ggml_backend_tensor_set(t.slots, block, (size_t) k * t.expert_bytes, t.expert_bytes);
+            }
+        }
+        l.expert_in_slot[k] = e;
+        if (e >= 0) {
+            l.slot_of_expert[e] = k;
+        }
+    }
+    l.n_resident = n_experts;
+    return n_experts;
+}
+
+void rotary_sched_set_max_batch(int n_tokens) {
+    scheduler().max_batch = n_tokens;
+}
+
+int rotary_sched_layer_stats(int layer, uint64_t * out, uint64_t * counts, int n_expert) {
+    Scheduler & s = scheduler();
+    auto found = s.layers.find(layer);
+    if (found == s.layers.end()) {
+        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    }
+    const Layer & l = found->second;
+    out[0] = l.device_pairs;
+    out[1] = l.host_pairs;
+    for (int e = 0; e < n_expert && e < l.n_expert; e++) {
+        counts[e] = l.counts[e];
+    }
+    return l.n_expert;
+}
+
+void rotary_sched_stats(uint64_t * out) {
+    const Scheduler & s = scheduler();
+    out[0] = s.graph_calls;
+    out[1] = s.split_matmuls;
+    out[2] = s.device_bytes();
+}
+
+void rotary_sched_reset_stats(void) {
+    Scheduler & s = scheduler();
+    s.graph_calls = s.split_matmuls = 0;
+    for (auto & entry : s.layers) {
+        entry.second.device_pairs = entry.second.host_pairs = 0;
+        std::fill(entry.second.counts.begin(), entry.second.counts.end(), 0);
+    }
+}

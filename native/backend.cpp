@@ -1,0 +1,282 @@
+// The ggml backend of the scheduler (modelled on ggml-blas.cpp): an ACCEL device that llama.cpp puts
+// ahead of its CPU backend. It claims the routed-expert matmuls whose weights are in host memory, and
+// the activation ops between them, so that one MoE block's expert FFN is one split; it computes the
+// split on its own CPU backend except the expert matmuls of layers with resident experts, which it
+// divides between the device and the CPU (scheduler.cpp).
+#include "rotary_sched.h"
+#include "scheduler.h"
+
+#include "ggml-backend-impl.h"
+#include "ggml-impl.h"
+
+#include <cstring>
+#include <string>
+
+#ifndef ROTARY_LLAMA_CPP_PYTHON_VERSION
+#error "ROTARY_LLAMA_CPP_PYTHON_VERSION must name the llama-cpp-python version the headers come from"
+#endif
+#define ROTARY_SCHED_ABI 1
+#define ROTARY_STR_(x) #x
+#define ROTARY_STR(x) ROTARY_STR_(x)
+
+using namespace rotary;
+
+// Router and combination nodes of build_moe_ffn (llama-graph.cpp) stay with llama.cpp's backends.
+static const char * const kRouterPrefixes[] = {
+    "ffn_moe_logits", "ffn_moe_probs", "ffn_moe_group", "ffn_moe_argsort", "ffn_moe_topk",
+    "ffn_moe_weight", "ffn_moe_out",
+};
+
+// The layer of an expert-FFN node named by llama.cpp's graph callback ("ffn_moe_swiglu-12"), or -1.
+static int expert_ffn_layer(const char * name) {
+    if (std::strncmp(name, "ffn_moe_", 8) != 0) {
+        return -1;
+    }
+    for (const char * prefix : kRouterPrefixes) {
+        if (std::strncmp(name, prefix, std::strlen(prefix)) == 0) {
+            return -1;
+        }
+    }
+    const char * dash = std::strrchr(name, '-');
+    return dash ? std::atoi(dash + 1) : -1;
+}
+
+static bool is_view(const ggml_tensor * op) {
+    return op->op == GGML_OP_VIEW || op->op == GGML_OP_RESHAPE || op->op == GGML_OP_PERMUTE
+           || op->op == GGML_OP_TRANSPOSE;
+}
+
+static bool supports_op(ggml_backend_dev_t, const ggml_tensor * op) {
+    const Scheduler & s = scheduler();
+    if (!s.configured()) {
+        return false;
+    }
+    if (op->op == GGML_OP_MUL_MAT_ID) {
+        const ggml_tensor * x = op->src[1];
+        return s.tensor_by_name.count(op->src[0]->name) && x->type == GGML_TYPE_F32 && op->type == GGML_TYPE_F32
+               && x->nb[0] == sizeof(float) && (s.max_batch <= 0 || op->ne[2] <= s.max_batch);
+    }
+    const int layer = expert_ffn_layer(op->name);
+    if (layer < 0 || !s.layers.count(layer)) {
+        return false;
+    }
+    if (is_view(op)) {
+        return !(op->view_src && op->view_src->buffer);  // views of results, never of weights or caches
+    }
+    return op->op != GGML_OP_NONE && ggml_backend_dev_supports_op(s.cpu_dev, op);
+}
+
+static ggml_status compute_on_host(ggml_cgraph * graph, int first, int end) {
+    if (end <= first) {
+        return GGML_STATUS_SUCCESS;
+    }
+    ggml_cgraph view = ggml_graph_view(graph, first, end);
+    return ggml_backend_graph_compute(scheduler().host.backend, &view);
+}
+
+static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
+    Scheduler & s = scheduler();
+    s.graph_calls++;
+    int first = 0;
+    for (int i = 0; i < graph->n_nodes; i++) {
+        ggml_tensor * node = graph->nodes[i];
+        if (node->op != GGML_OP_MUL_MAT_ID || !(node->flags & GGML_TENSOR_FLAG_COMPUTE)) {
+            continue;
+        }
+        const int index = s.bind(node->src[0]);
+        if (index < 0) {
+            continue;
+        }
+        Layer & layer = s.layers.at(s.tensors[index].layer);
+        if (s.tensors[index].counts_routing) {
+            s.count(node->src[2], layer);
+        }
+        if (layer.n_resident == 0) {
+            continue;  // every pair on the host: the node stays in the host run
+        }
+        const ggml_status status = compute_on_host(graph, first, i);
+        if (status != GGML_STATUS_SUCCESS) {
+            return status;
+        }
+        s.compute_expert_matmul(node, index);
+        first = i + 1;
+    }
+    return compute_on_host(graph, first, graph->n_nodes);
+}
+
+static const char * backend_name(ggml_backend_t) {
+    return "ROTARY";
+}
+
+static void backend_free(ggml_backend_t backend) {
+    delete backend;
+}
+
+static const ggml_backend_i kBackend = {
+    /* .get_name            = */ backend_name,
+    /* .free                = */ backend_free,
+    /* .set_tensor_async    = */ nullptr,
+    /* .get_tensor_async    = */ nullptr,
+    /* .set_tensor_2d_async = */ nullptr,
+    /* .get_tensor_2d_async = */ nullptr,
+    /* .cpy_tensor_async    = */ nullptr,
+    /* .synchronize         = */ nullptr,
+    /* .graph_plan_create   = */ nullptr,
+    /* .graph_plan_free     = */ nullptr,
+    /* .graph_plan_update   = */ nullptr,
+    /* .graph_plan_compute  = */ nullptr,
+    /* .graph_compute       = */ graph_compute,
+    /* .event_record        = */ nullptr,
+    /* .event_wait          = */ nullptr,
+    /* .graph_optimize      = */ nullptr,
+};
+
+static ggml_guid_t backend_guid() {
+    static ggml_guid guid = { 0x72, 0x6f, 0x74, 0x61, 0x72, 0x79, 0x2d, 0x73,
+                              0x63, 0x68, 0x65, 0x64, 0x2d, 0x76, 0x30, 0x31 };
+    return &guid;
+}
+
+
+static ggml_backend_t init_backend(ggml_backend_dev_t dev, const char *) {
+    return new ggml_backend{ backend_guid(), kBackend, dev, nullptr };
+}
+
+static const char * device_name(ggml_backend_dev_t) {
+    return "ROTARY";
+}
+
+static const char * device_description(ggml_backend_dev_t) {
+    return scheduler().description.c_str();
+}
+
+static void device_memory(ggml_backend_dev_t, size_t * free, size_t * total) {
+    *free = 0;  // the slots' memory belongs to the device they live on; the planner accounts for it
+    *total = 0;
+}
+
+static enum ggml_backend_dev_type device_type(ggml_backend_dev_t) {
+    return GGML_BACKEND_DEVICE_TYPE_ACCEL;
+}
+
+static void device_props(ggml_backend_dev_t dev, ggml_backend_dev_props * props) {
+    props->name = device_name(dev);
+    props->description = device_description(dev);
+    props->type = device_type(dev);
+    device_memory(dev, &props->memory_free, &props->memory_total);
+    props->caps = { /* async */ false, /* host_buffer */ false, /* buffer_from_host_ptr */ false,
+                    /* events */ false, /* mmap_support */ true };
+}
+
+// The very CPU buffer type llama.cpp uses, so that the loader keeps weights where it would put them.
+static ggml_backend_buffer_type_t device_buffer_type(ggml_backend_dev_t) {
+    return ggml_backend_dev_buffer_type(scheduler().cpu_dev);
+}
+
+static bool device_supports_buft(ggml_backend_dev_t, ggml_backend_buffer_type_t buft) {
+    return ggml_backend_buft_is_host(buft);
+}
+
+static const ggml_backend_device_i kDevice = {
+    /* .get_name             = */ device_name,
+    /* .get_description      = */ device_description,
+    /* .get_memory           = */ device_memory,
+    /* .get_type             = */ device_type,
+    /* .get_props            = */ device_props,
+    /* .init_backend         = */ init_backend,
+    /* .get_buffer_type      = */ device_buffer_type,
+    /* .get_host_buffer_type = */ nullptr,
+    /* .buffer_from_host_ptr = */ nullptr,
+    /* .supports_op          = */ supports_op,
+    /* .supports_buft        = */ device_supports_buft,
+    /* .offload_op           = */ nullptr,
+    /* .event_new            = */ nullptr,
+    /* .event_free           = */ nullptr,
+    /* .event_synchronize    = */ nullptr,
+};
+
+static const char * reg_name(ggml_backend_reg_t) {
+    return "ROTARY";
+}
+
+static size_t reg_device_count(ggml_backend_reg_t) {
+    return 1;
+}
+
+static ggml_backend_dev_t reg_device(ggml_backend_reg_t r, size_t) {
+    static ggml_backend_device device = { kDevice, r, nullptr };
+    return &device;
+}
+
+// llama.cpp calls this before every ubatch with the context's thread count.
+static void set_n_threads(ggml_backend_t, int n_threads) {
+    Scheduler & s = scheduler();
+    s.set_cpu_threads(s.host.backend, n_threads);
+    if (!s.gpu) {
+        s.set_cpu_threads(s.device.backend, n_threads);
+    }
+}
+
+static void * reg_proc_address(ggml_backend_reg_t, const char * name) {
+    return std::strcmp(name, "ggml_backend_set_n_threads") == 0 ? (void *) set_n_threads : nullptr;
+}
+
+static const ggml_backend_reg_i kReg = {
+    /* .get_name         = */ reg_name,
+    /* .get_device_count = */ reg_device_count,
+    /* .get_device       = */ reg_device,
+    /* .get_proc_address = */ reg_proc_address,
+};
+
+static ggml_backend_reg_t reg() {
+    static ggml_backend_reg instance = { GGML_BACKEND_API_VERSION, kReg, nullptr };
+    return &instance;
+}
+
+const char * rotary_sched_build_info(void) {
+    return "rotary-sched " ROTARY_STR(ROTARY_SCHED_ABI) "; llama-cpp-python " ROTARY_LLAMA_CPP_PYTHON_VERSION
+           "; ggml backend API " ROTARY_STR(GGML_BACKEND_API_VERSION);
+}
+
+const char * rotary_sched_device_description(void) {
+    return scheduler().description.c_str();
+}
+
+int rotary_sched_register(const char * device) {
+    Scheduler & s = scheduler();
+    const bool gpu = std::strcmp(device, "gpu") == 0;
+    if (!gpu && std::strcmp(device, "cpu") != 0) {
+        set_error(std::string("unknown slot device '") + device + "' (gpu or cpu)");
+        return -1;
+    }
+    if (s.registered) {
+        if (s.gpu != gpu) {
+            set_error("the scheduler is already registered with slots on " + s.description);
+            return -1;
+        }
+        return 0;
+    }
+    s.cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    s.slot_dev = gpu ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) : s.cpu_dev;
+    if (!s.cpu_dev || !s.slot_dev) {
+        set_error(gpu ? "this llama.cpp build has no GPU device" : "this llama.cpp build has no CPU device");
+        return -1;
+    }
+    auto * threads = ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(s.cpu_dev),
+                                                       "ggml_backend_set_n_threads");
+    s.set_cpu_threads = (void (*)(ggml_backend_t, int)) threads;
+    ggml_backend_t host = ggml_backend_dev_init(s.cpu_dev, nullptr);
+    ggml_backend_t slots = ggml_backend_dev_init(s.slot_dev, nullptr);
+    if (!host || !slots || !s.set_cpu_threads) {
+        set_error(std::string("cannot start a backend on ") + ggml_backend_dev_name(s.slot_dev));
+        return -1;
+    }
+    s.host.init(host);
+    s.device.init(slots);
+    s.gpu = gpu;
+    s.description = std::string("rotary expert scheduler, slots on ") + ggml_backend_dev_name(s.slot_dev) + " ("
+                    + ggml_backend_dev_description(s.slot_dev) + ")";
+    ggml_backend_register(reg());
+    s.registered = true;
+    return 0;
+}

@@ -1,0 +1,186 @@
+// Scheduler state and the split expert matmul: pairs whose expert is resident run on the device from
+// the slots, the others on the CPU from llama.cpp's weights; both write their rows into the node.
+#include "scheduler.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace rotary {
+
+Scheduler & scheduler() {
+    static Scheduler instance;
+    return instance;
+}
+
+bool is_routed_expert(const char * name) {
+    return std::strncmp(name, "blk.", 4) == 0 && std::strstr(name, "_exps") != nullptr;
+}
+
+int layer_of(const char * name) {
+    int layer = -1;
+    return std::sscanf(name, "blk.%d.", &layer) == 1 ? layer : -1;
+}
+
+void Worker::init(ggml_backend_t b) {
+    backend = b;
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(b));
+    meta_.resize(ggml_tensor_overhead() * 8 + ggml_graph_overhead_custom(8, false));
+}
+
+void Worker::release() {
+    if (galloc_) {
+        ggml_gallocr_free(galloc_);
+    }
+    galloc_ = nullptr;
+}
+
+size_t Worker::scratch_bytes() const {
+    return galloc_ ? ggml_gallocr_get_buffer_size(galloc_, 0) : 0;
+}
+
+bool Worker::launch(ggml_tensor * matrices, const ggml_tensor * node, const Pairs & pairs) {
+    const ggml_tensor * src1 = node->src[1];
+    const int64_t k = src1->ne[0];
+    const int64_t n = (int64_t) pairs.size();
+    rows_.resize(k * n);
+    for (int64_t p = 0; p < n; p++) {
+        const char * row = (const char *) src1->data + (pairs.slot[p] % src1->ne[1]) * src1->nb[1]
+                           + pairs.token[p] * src1->nb[2];
+        std::memcpy(&rows_[p * k], row, k * sizeof(float));
+    }
+    ggml_init_params params = { meta_.size(), meta_.data(), true };
+    ctx_ = ggml_init(params);
+    ggml_tensor * input = ggml_new_tensor_3d(ctx_, GGML_TYPE_F32, k, 1, n);
+    ggml_tensor * ids = ggml_new_tensor_2d(ctx_, GGML_TYPE_I32, 1, n);
+    ggml_set_input(input);
+    ggml_set_input(ids);
+    out_ = ggml_mul_mat_id(ctx_, matrices, input, ids);
+    ggml_set_output(out_);
+    ggml_cgraph * graph = ggml_new_graph_custom(ctx_, 8, false);
+    ggml_build_forward_expand(graph, out_);
+    if (!ggml_gallocr_alloc_graph(galloc_, graph)) {
+        set_error("cannot allocate the scratch of an expert matmul on " + std::string(ggml_backend_name(backend)));
+        ggml_free(ctx_);
+        ctx_ = nullptr;
+        return false;
+    }
+    ggml_backend_tensor_set(input, rows_.data(), 0, ggml_nbytes(input));
+    ggml_backend_tensor_set(ids, pairs.id.data(), 0, ggml_nbytes(ids));
+    return ggml_backend_graph_compute_async(backend, graph) == GGML_STATUS_SUCCESS;
+}
+
+void Worker::finish(ggml_tensor * node, const Pairs & pairs) {
+    ggml_backend_synchronize(backend);
+    const int64_t m = node->ne[0];
+    const int64_t n = (int64_t) pairs.size();
+    rows_.resize(m * n);
+    ggml_backend_tensor_get(out_, rows_.data(), 0, m * n * sizeof(float));
+    for (int64_t p = 0; p < n; p++) {
+        char * row = (char *) node->data + pairs.slot[p] * node->nb[1] + pairs.token[p] * node->nb[2];
+        std::memcpy(row, &rows_[p * m], m * sizeof(float));
+    }
+    ggml_free(ctx_);
+    ctx_ = nullptr;
+}
+
+void Scheduler::reset() {
+    for (auto & entry : layers) {
+        ggml_backend_buffer_free(entry.second.buffer);
+        if (entry.second.ctx) {
+            ggml_free(entry.second.ctx);
+        }
+    }
+    for (auto & file : files) {
+        unmap_file(file);
+    }
+    files.clear();
+    tensors.clear();
+    tensor_by_name.clear();
+    layers.clear();
+    bound.clear();
+}
+
+// The index of our tensor that llama.cpp's weight `w` is, or -1: matched by name, type and shape, and by
+// content (the first bytes of the first and last expert), so a weight of another model that happens to
+// share names is never mistaken for ours. Cached per weight.
+int Scheduler::bind(const ggml_tensor * w) {
+    auto cached = bound.find(w);
+    if (cached != bound.end()) {
+        return cached->second;
+    }
+    int result = -1;
+    auto named = tensor_by_name.find(w->name);
+    if (named != tensor_by_name.end() && w->data && w->buffer && ggml_backend_buffer_is_host(w->buffer)) {
+        const ExpertTensor & t = tensors[named->second];
+        const uint8_t * file = files[t.file].base + t.offset;
+        const uint64_t last = (t.n_expert - 1) * t.expert_bytes;
+        const size_t n = (size_t) std::min<uint64_t>(t.expert_bytes, 4096);
+        if (w->type == t.type && w->ne[0] == t.ne0 && w->ne[1] == t.ne1 && w->ne[2] == t.n_expert
+            && w->nb[2] == t.expert_bytes && ggml_is_contiguous(w)
+            && std::memcmp(w->data, file, n) == 0 && std::memcmp((const uint8_t *) w->data + last, file + last, n) == 0) {
+            result = named->second;
+        }
+    }
+    bound[w] = result;
+    return result;
+}
+
+// Counts the layer's routing (once per MoE block: at its down projection) and its device/host split.
+void Scheduler::count(const ggml_tensor * ids, Layer & layer) {
+    for (int64_t t = 0; t < ids->ne[1]; t++) {
+        for (int64_t s = 0; s < ids->ne[0]; s++) {
+            const int32_t e = *(const int32_t *) ((const char *) ids->data + t * ids->nb[1] + s * ids->nb[0]);
+            if (e < 0 || e >= layer.n_expert) {
+                continue;
+            }
+            layer.counts[e]++;
+            if (layer.slot_of_expert[e] >= 0) {
+                layer.device_pairs++;
+            } else {
+                layer.host_pairs++;
+            }
+        }
+    }
+}
+
+void Scheduler::compute_expert_matmul(ggml_tensor * node, int tensor_index) {
+    const ExpertTensor & t = tensors[tensor_index];
+    const Layer & layer = layers.at(t.layer);
+    const ggml_tensor * ids = node->src[2];
+    Pairs on_device, on_host;
+    for (int64_t tok = 0; tok < ids->ne[1]; tok++) {
+        for (int64_t s = 0; s < ids->ne[0]; s++) {
+            const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + s * ids->nb[0]);
+            const int32_t slot = (e >= 0 && e < layer.n_expert) ? layer.slot_of_expert[e] : -1;
+            if (slot >= 0) {
+                on_device.add((int32_t) s, (int32_t) tok, slot);
+            } else {
+                on_host.add((int32_t) s, (int32_t) tok, e);
+            }
+        }
+    }
+    split_matmuls++;
+    const bool on_device_running = on_device.size() && device.launch(t.slots, node, on_device);
+    if (on_device.size() && !on_device_running) {
+        // The device refused (out of memory): its pairs run on the host with the model's weights.
+        for (size_t p = 0; p < on_device.size(); p++) {
+            on_host.add(on_device.slot[p], on_device.token[p], layer.expert_in_slot[on_device.id[p]]);
+        }
+    }
+    if (on_host.size() && host.launch(node->src[0], node, on_host)) {
+        host.finish(node, on_host);
+    }
+    if (on_device_running) {
+        device.finish(node, on_device);
+    }
+}
+
+size_t Scheduler::device_bytes() const {
+    size_t total = device.scratch_bytes();
+    for (const auto & entry : layers) {
+        total += entry.second.buffer ? ggml_backend_buffer_get_size(entry.second.buffer) : 0;
+    }
+    return total;
+}
+
+}  // namespace rotary

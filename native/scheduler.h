@@ -1,0 +1,108 @@
+// The scheduler's state: mapped GGUF files, routed-expert tensors, per-layer slot tables, and the two
+// workers that compute one expert matmul's (token, expert) pairs: resident experts on the device from
+// the slots, the rest on a CPU backend from llama.cpp's own (memory-mapped) weights.
+#pragma once
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace rotary {
+
+struct MappedFile {
+    std::string path;
+    const uint8_t * base = nullptr;
+    size_t size = 0;
+};
+
+// One routed-expert tensor of the model (gate, up, down or fused gate_up of one layer).
+struct ExpertTensor {
+    std::string name;
+    int layer = -1;
+    int file = -1;
+    uint64_t offset = 0;        // absolute file offset of expert 0
+    uint64_t expert_bytes = 0;  // one expert's block (nb[2])
+    int n_expert = 0;
+    ggml_type type = GGML_TYPE_F32;
+    int64_t ne0 = 0, ne1 = 0;
+    bool counts_routing = false;    // the down projection: routing is counted there, once per MoE block
+    ggml_tensor * slots = nullptr;  // [ne0, ne1, n_slots] in the device's memory
+};
+
+struct Layer {
+    int n_expert = 0;
+    std::vector<int> tensors;             // indices into Scheduler::tensors
+    std::vector<int32_t> slot_of_expert;  // -1: not resident
+    std::vector<int32_t> expert_in_slot;  // -1: empty slot
+    int n_resident = 0;
+    ggml_context * ctx = nullptr;
+    ggml_backend_buffer_t buffer = nullptr;
+    std::vector<uint64_t> counts;         // selections per expert
+    uint64_t device_pairs = 0, host_pairs = 0;
+};
+
+// (token, expert) pairs of one MUL_MAT_ID: row `slot` of token `token`, computed with matrix `id`.
+struct Pairs {
+    std::vector<int32_t> slot, token, id;
+    void clear() { slot.clear(); token.clear(); id.clear(); }
+    void add(int32_t s, int32_t t, int32_t i) { slot.push_back(s); token.push_back(t); id.push_back(i); }
+    size_t size() const { return id.size(); }
+};
+
+// Computes a subset of a MUL_MAT_ID's pairs on one backend: gathers their input rows, runs a
+// MUL_MAT_ID over a matrix stack (the model's or the slots), and scatters the rows back.
+class Worker {
+  public:
+    void init(ggml_backend_t backend);
+    void release();
+    bool launch(ggml_tensor * matrices, const ggml_tensor * node, const Pairs & pairs);
+    void finish(ggml_tensor * node, const Pairs & pairs);
+    size_t scratch_bytes() const;
+    ggml_backend_t backend = nullptr;
+
+  private:
+    ggml_gallocr_t galloc_ = nullptr;
+    std::vector<uint8_t> meta_;
+    ggml_context * ctx_ = nullptr;
+    ggml_tensor * out_ = nullptr;
+    std::vector<float> rows_;
+};
+
+struct Scheduler {
+    bool registered = false;
+    bool gpu = false;
+    std::string description;
+    ggml_backend_dev_t cpu_dev = nullptr, slot_dev = nullptr;
+    Worker device, host;
+    void (*set_cpu_threads)(ggml_backend_t, int) = nullptr;
+    int max_batch = 0;
+
+    std::vector<MappedFile> files;
+    std::vector<ExpertTensor> tensors;
+    std::unordered_map<std::string, int> tensor_by_name;
+    std::map<int, Layer> layers;
+    std::unordered_map<const ggml_tensor *, int> bound;  // llama.cpp weight -> tensors index, -1: foreign
+    uint64_t graph_calls = 0, split_matmuls = 0;
+
+    bool configured() const { return !tensors.empty(); }
+    void reset();
+    int bind(const ggml_tensor * weights);
+    void compute_expert_matmul(ggml_tensor * node, int tensor_index);
+    void count(const ggml_tensor * ids, Layer & layer);
+    size_t device_bytes() const;
+};
+
+Scheduler & scheduler();
+bool map_file(const std::string & path, MappedFile & file);
+void unmap_file(MappedFile & file);
+void set_error(const std::string & message);
+bool is_routed_expert(const char * name);
+int layer_of(const char * name);
+
+}  // namespace rotary
