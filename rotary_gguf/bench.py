@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from rotary_gguf.plan import STRATEGIES, Placement, plan_placement
 from rotary_gguf.profile import Profile
 from rotary_gguf.telemetry import PeakSampler
 
+_ROTARY_TOP_LEVEL = ("hit_rate", "expert_reads_device", "expert_reads_host")
 # Prose, code and chat, repeated to the asked prompt length.
 _PROMPT_TEXT = (
     "<|im_start|>user\nThe licensee may copy and distribute verbatim copies of the program's source code "
@@ -34,9 +35,11 @@ class PlacementResult:
     rss_delta_bytes: int  # peak RSS minus RSS before the model was loaded
     load_seconds: float
     buffers: tuple[runtime.Buffer, ...]
+    rotary: dict[str, Any] | None = None  # the scheduler's decode statistics (rotary placement)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        extra = {"rotary": self.rotary, **{k: self.rotary[k] for k in _ROTARY_TOP_LEVEL}} if self.rotary else {}
+        return {**extra,
             "name": self.name, "prompt_tokens": self.prompt_tokens, "decode_tokens": self.decode_tokens,
             "prompt_tok_s": round(self.prompt_tok_s, 2), "decode_tok_s": round(self.decode_tok_s, 2),
             "peak_vram_bytes": self.peak_vram_bytes, "peak_rss_bytes": self.peak_rss_bytes,
@@ -55,10 +58,11 @@ class BenchResult:
     vram_budget_bytes: int
     gpu: str | None
     placements: tuple[PlacementResult, ...]
+    skipped: dict[str, str] = field(default_factory=dict)  # placement -> why it was not run
 
     def to_json(self) -> dict[str, Any]:
         return {"model": str(self.model), "profile": self.profile.name, "vram_budget_bytes": self.vram_budget_bytes,
-                "gpu": self.gpu, "placements": [p.to_json() for p in self.placements]}
+                "gpu": self.gpu, "placements": [p.to_json() for p in self.placements], "skipped": self.skipped}
 
 
 def prompt_ids(llm: Any, n_tokens: int) -> list[int]:
@@ -75,19 +79,34 @@ def bench_placement(path: Path, placement: Placement, profile: Profile, *, promp
                                                                          repack=repack))
         try:
             ids = prompt_ids(model.llm, prompt_tokens)
-            generation = runtime.generate_ids(model.llm, ids, decode_tokens, ignore_eos=True)
+            generation = runtime.generate_ids(model.llm, ids, decode_tokens, ignore_eos=True,
+                                              residency=model.residency)
+            rotary = rotary_stats(model.residency) if model.residency else None
         finally:
             model.llm.close()
     return PlacementResult(
         placement.strategy, placement, generation.prompt_tokens, len(generation.tokens),
         generation.prompt_tokens_per_second, generation.decode_tokens_per_second, peak.peak_vram, peak.peak_rss,
-        peak.peak_rss - model.rss_before_load, model.load_seconds, model.buffers,
+        peak.peak_rss - model.rss_before_load, model.load_seconds, model.buffers, rotary,
     )
+
+
+def rotary_stats(residency: Any) -> dict[str, Any]:
+    """The scheduler's counters for the decode: expert reads served from the slots vs from host memory."""
+    layers = residency.layer_stats()
+    device = sum(s.device_pairs for s in layers)
+    host = sum(s.host_pairs for s in layers)
+    return {"hit_rate": round(device / (device + host), 4) if device + host else 0.0,
+            "expert_reads_device": device, "expert_reads_host": host,
+            "slots": {str(layer): n for layer, n in residency.slots.items()},
+            "device": residency.plugin.description,
+            "per_layer_hit_rate": {str(s.layer): round(s.hit_rate, 4) for s in layers}}
 
 
 def run_bench(path: Path, index: ModelIndex, profile: Profile, *, strategies: tuple[str, ...] = STRATEGIES,
               vram_budget: int | None = None, ctx: int | None = None, prompt_tokens: int = 512,
               decode_tokens: int = 128, threads: int | None = None, repack: bool = False,
+              skipped: dict[str, str] | None = None,
               progress: Callable[[int, str], None] | None = None) -> BenchResult:
     """Benchmark each strategy on the same model and profile, one after the other in this process.
 
@@ -102,4 +121,5 @@ def run_bench(path: Path, index: ModelIndex, profile: Profile, *, strategies: tu
             progress(done, placement.strategy)
         results.append(bench_placement(path, placement, profile, prompt_tokens=prompt_tokens,
                                        decode_tokens=decode_tokens, threads=threads, repack=repack))
-    return BenchResult(path, profile, placements[0].vram_budget_bytes, runtime.gpu_device_name(), tuple(results))
+    return BenchResult(path, profile, placements[0].vram_budget_bytes, runtime.gpu_device_name(), tuple(results),
+                       dict(skipped or {}))

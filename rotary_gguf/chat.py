@@ -135,7 +135,7 @@ class ChatSession:
         ids, dropped = self._fit()
         # generate_ids stops at the end of the context by itself
         generation = runtime.generate_ids(self.model.llm, ids, self.max_reply_tokens, temp=self.temp, seed=self.seed,
-                                          stream=stream, keep_state=True)
+                                          stream=stream, keep_state=True, residency=self.model.residency)
         self.seed += 1
         self.messages.append({"role": "assistant", "content": generation.text})
         self.last = generation

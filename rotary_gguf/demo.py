@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from rotary_gguf import runtime
+from rotary_gguf.cache import cache_dir
 from rotary_gguf.gguf import ModelIndex, open_index
 from rotary_gguf.synth import PRESET_DEFAULT_TYPE, PRESETS, synth_model
 from rotary_gguf.synth.writer import Progress
@@ -22,14 +22,6 @@ class DemoResult:
     synthesized: bool
     index: ModelIndex
     generation: runtime.Generation
-
-
-def cache_dir() -> Path:
-    """$ROTARY_CACHE, else $XDG_CACHE_HOME/rotary-gguf, else ~/.cache/rotary-gguf."""
-    if os.environ.get("ROTARY_CACHE"):
-        return Path(os.environ["ROTARY_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "rotary-gguf"
 
 
 def cached_synth_model(preset: str, seed: int = 0, progress: Progress | None = None) -> tuple[Path, bool]:

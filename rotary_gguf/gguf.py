@@ -206,6 +206,18 @@ class ModelIndex:
             grouped[(b.layer, b.expert)].append(b)
         return {key: tuple(blocks) for key, blocks in grouped.items()}
 
+    @cached_property
+    def stacked_expert_weights(self) -> tuple[TensorEntry, ...]:
+        """The 3-D routed-expert weights ([ne0, ne1, n_expert]: gate, up, down or fused gate_up per layer),
+        the tensors whose experts llama.cpp multiplies with MUL_MAT_ID; biases and the old
+        one-tensor-per-expert layout are left out."""
+        return tuple(t for t in self.tensors if t.cls is TensorClass.ROUTED_EXPERT and len(t.shape) == 3
+                     and t.name.endswith(".weight"))
+
+    def slot_bytes(self, layer: int) -> int:
+        """Bytes of one expert of this layer in the stacked weights: what one rotary VRAM slot holds."""
+        return sum(t.nbytes // t.shape[2] for t in self.stacked_expert_weights if t.layer == layer)
+
     def expert_blocks(self, layer: int, expert: int) -> tuple[ExpertBlock, ...]:
         """All blocks (every projection, weights and biases) of one expert in one layer."""
         return self._blocks_by_layer_expert.get((layer, expert), ())

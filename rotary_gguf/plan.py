@@ -17,7 +17,10 @@ from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex, TensorClass
 from rotary_gguf.profile import Profile
 
-STRATEGIES = ("layer-fill", "experts-on-host")
+STRATEGIES = ("layer-fill", "experts-on-host", "rotary")
+# Prompt batches above this many tokens are left to llama.cpp's own GPU offload of host experts, which
+# starts at 32 tokens (GGML_OP_OFFLOAD_MIN_BATCH); the rotary plugin takes the smaller ones.
+ROTARY_MAX_BATCH_GPU = 32
 LAYER_ORDERS = ("first", "last")  # which layers' experts get VRAM first
 # Bytes per element of each KV cache type (block types: block bytes / 32 elements).
 KV_BYTES_PER_ELEMENT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32,
@@ -61,12 +64,16 @@ class Placement:
     host_weight_bytes: int  # weights left in the mmap
     host_compute_bytes: int
     overrides: tuple[Override, ...]
+    expert_slots: tuple[tuple[int, int], ...] = ()  # rotary: (layer, VRAM slots) for each MoE layer
+    slot_bytes: int = 0  # rotary: VRAM of the slots and the plugin's scratch (invisible to llama.cpp)
+    device_read_share: float = 0.0  # rotary: predicted share of expert reads served from VRAM
 
     @property
     def predicted_vram_bytes(self) -> int:
         if not self.vram_budget_bytes:
             return 0
-        return self.gpu_weight_bytes + self.gpu_expert_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+        return (self.gpu_weight_bytes + self.gpu_expert_bytes + self.slot_bytes + self.kv_bytes + self.compute_bytes
+                + self.overhead_bytes)
 
     @property
     def predicted_host_bytes(self) -> int:
@@ -85,6 +92,8 @@ class Placement:
             "gpu_expert_layers": list(self.gpu_expert_layers),
             "cpu_expert_layers": [i for i in range(self.n_layer) if i not in self.gpu_expert_layers],
             "overrides": [{"pattern": o.pattern, "buffer": o.buffer} for o in self.overrides],
+            "expert_slots": {str(layer): n for layer, n in self.expert_slots}, "slot_bytes": self.slot_bytes,
+            "predicted_device_read_share": round(self.device_read_share, 4),
         }
 
 
@@ -164,6 +173,9 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     layer-fill: whole layers of experts go to VRAM while they fit, in `layer_order` ("first": layers
     0, 1, ... get VRAM and the last layers stay on the CPU; "last": the reverse, llama.cpp's --n-cpu-moe).
     experts-on-host: every routed expert stays in the mmap (llama.cpp's --cpu-moe).
+    rotary: every routed expert stays in the mmap, and the VRAM left over holds per-layer expert slots
+    that the scheduler plugin serves expert reads from (the same number in every layer, one more in the
+    first layers while the remainder allows).
     """
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown placement {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -198,6 +210,8 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
                          host_compute_bytes=host_compute, overrides=all_experts_on_host)
     fixed = _fixed_vram(index, profile, ctx)
     _check_fits(fixed, budget, index, profile, ctx)
+    if strategy == "rotary":
+        return _plan_rotary(index, budget, fixed, common, all_bytes, host_compute, all_experts_on_host)
     gpu_layers = []
     if strategy == "layer-fill":
         room = budget - sum(fixed)
@@ -217,6 +231,41 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
                      kv_bytes=kv, compute_bytes=compute, overhead_bytes=overhead, gpu_expert_layers=tuple(gpu_layers),
                      gpu_expert_bytes=gpu_expert_bytes, host_weight_bytes=all_bytes - weights - gpu_expert_bytes,
                      host_compute_bytes=host_compute if cpu_layers else 0, overrides=overrides)
+
+
+def rotary_scratch_bytes(index: ModelIndex) -> int:
+    """VRAM the plugin's device worker needs for one expert matmul: the gathered input rows, ids and output
+    rows of up to ROTARY_MAX_BATCH_GPU tokens x n_expert_used experts."""
+    weights = index.stacked_expert_weights
+    if not weights:
+        return 0
+    widest = max(t.shape[0] for t in weights) + max(t.shape[1] for t in weights) + 1
+    return ROTARY_MAX_BATCH_GPU * index.params.n_expert_used * widest * 4
+
+
+def _plan_rotary(index: ModelIndex, budget: int, fixed: tuple[int, int, int, int], common: dict[str, Any],
+                 all_bytes: int, host_compute: int, overrides: tuple[Override, ...]) -> Placement:
+    p = index.params
+    scratch = rotary_scratch_bytes(index)
+    per_layer = {layer: index.slot_bytes(layer) for layer in index.moe_layers}
+    room = max(0, budget - sum(fixed) - scratch)
+    per_slot_row = sum(per_layer.values())
+    n_expert = {t.layer: t.shape[2] for t in index.stacked_expert_weights}
+    uniform = min(room // per_slot_row if per_slot_row else 0, min(n_expert.values(), default=0))
+    slots = {layer: uniform for layer in per_layer}
+    room -= uniform * per_slot_row
+    for layer, size in per_layer.items():
+        if slots[layer] < n_expert.get(layer, 0) and size <= room:
+            slots[layer] += 1
+            room -= size
+    slot_bytes = sum(slots[layer] * size for layer, size in per_layer.items())
+    share = sum(slots[layer] / n_expert[layer] for layer in slots if n_expert.get(layer)) / max(1, len(slots))
+    weights, kv, compute, overhead = fixed
+    return Placement(**common, vram_budget_bytes=budget, n_gpu_layers=p.n_layer + 1, gpu_weight_bytes=weights,
+                     kv_bytes=kv, compute_bytes=compute, overhead_bytes=overhead, gpu_expert_layers=(),
+                     gpu_expert_bytes=0, host_weight_bytes=all_bytes - weights, host_compute_bytes=host_compute,
+                     overrides=overrides, expert_slots=tuple(sorted(slots.items())),
+                     slot_bytes=slot_bytes + (scratch if slot_bytes else 0), device_read_share=share)
 
 
 def _plan_dense(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> Placement:
@@ -255,10 +304,9 @@ def estimate_decode_tok_s(index: ModelIndex, placement: Placement, profile: Prof
     on_gpu = placement.vram_budget_bytes > 0
     for layer in index.moe_layers:
         used = p.n_expert_used * index.expert_bytes(layer)
-        if layer in placement.gpu_expert_layers:
-            gpu_bytes += used
-        else:
-            host_bytes += used
+        on_device = 1.0 if layer in placement.gpu_expert_layers else placement.device_read_share
+        gpu_bytes += used * on_device
+        host_bytes += used * (1 - on_device)
     if on_gpu:
         gpu_bytes += dense_bytes
     else:

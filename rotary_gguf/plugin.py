@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rotary_gguf.errors import RotaryError
-from rotary_gguf.gguf import ModelIndex, TensorClass
+from rotary_gguf.gguf import ModelIndex
 
 LIBRARY_NAME = "librotary_sched.so"
 ABI = 1
@@ -52,20 +52,9 @@ class ExpertTensor:
 
 
 def expert_tensors(index: ModelIndex) -> tuple[ExpertTensor, ...]:
-    """The stacked 3-D routed-expert weights of a model: what the plugin keeps slots for. (Expert biases
-    stay in host memory; the old one-tensor-per-expert layout has no stacked matmul to serve.)"""
-    found = []
-    for t in index.tensors:
-        if t.cls is TensorClass.ROUTED_EXPERT and len(t.shape) == 3 and t.name.endswith(".weight"):
-            n_expert = t.shape[2]
-            found.append(ExpertTensor(t.name, t.file, t.offset, t.nbytes // n_expert, n_expert, int(t.type),
-                                      t.shape[0], t.shape[1], t.layer or 0))
-    return tuple(found)
-
-
-def slot_bytes(index: ModelIndex, layer: int) -> int:
-    """Device bytes one expert slot of this layer takes (every stacked expert weight of the layer)."""
-    return sum(t.expert_bytes for t in expert_tensors(index) if t.layer == layer)
+    """The stacked routed-expert weights of a model: what the plugin keeps slots for."""
+    return tuple(ExpertTensor(t.name, t.file, t.offset, t.nbytes // t.shape[2], t.shape[2], int(t.type), t.shape[0],
+                              t.shape[1], t.layer or 0) for t in index.stacked_expert_weights)
 
 
 @dataclass(frozen=True)
@@ -132,7 +121,7 @@ class Plugin:
         if info != expected_build_info(llama_cpp_version):
             raise PluginError(f"{path}: built as '{info}', this is llama-cpp-python {llama_cpp_version}; "
                               "run `rotary plugin build` again")
-        self.path, self._lib, self.build_info = path, lib, info
+        self.path, self._lib, self.build_info, self.description = path, lib, info, ""
         self._n_expert: dict[int, int] = {}
 
     def _check(self, result: int) -> int:
@@ -143,7 +132,8 @@ class Plugin:
     def register(self, device: str) -> str:
         """Register as a ggml ACCEL device with slots on "gpu" or the "cpu" stand-in; returns its description."""
         self._check(self._lib.rotary_sched_register(device.encode()))
-        return self._lib.rotary_sched_device_description().decode()
+        self.description = self._lib.rotary_sched_device_description().decode()
+        return self.description
 
     def configure(self, index: ModelIndex, max_batch: int = 0) -> None:
         """Forget any previous model and serve this one's routed experts (no slots yet)."""
@@ -164,6 +154,9 @@ class Plugin:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(sorted(self._n_expert))
+
+    def n_expert(self, layer: int) -> int:
+        return self._n_expert[layer]
 
     def set_slots(self, layer: int, n_slots: int) -> int:
         """Allocate a layer's expert slots on the device (emptied); returns how many it got."""
@@ -188,3 +181,31 @@ class Plugin:
 
     def reset_stats(self) -> None:
         self._lib.rotary_sched_reset_stats()
+
+
+class Residency:
+    """Which experts sit in a loaded model's slots. Before the first token of a request, each layer's slots
+    take the experts the request's prompt selected most (counted by the plugin while it computed the prompt);
+    experts already resident win ties (so slots the prompt does not need keep what they held)."""
+
+    def __init__(self, plugin: Plugin, slots: dict[int, int]) -> None:
+        self.plugin, self.slots = plugin, {layer: n for layer, n in slots.items() if n > 0}
+        self.resident: dict[int, list[int]] = {layer: [] for layer in self.slots}
+
+    def before_prompt(self) -> None:
+        self.plugin.reset_stats()
+
+    def after_prompt(self) -> None:
+        """Seed the slots from the prompt's routing, then start counting the decode afresh."""
+        for layer, n_slots in self.slots.items():
+            counts = self.plugin.layer_stats(layer).counts
+            if not any(counts):
+                continue  # the prompt went to llama.cpp's own offload: keep what is resident
+            before = set(self.resident[layer])
+            chosen = sorted(range(len(counts)), key=lambda e: (-counts[e], e not in before, e))[:n_slots]
+            self.plugin.set_resident(layer, chosen)
+            self.resident[layer] = chosen
+        self.plugin.reset_stats()
+
+    def layer_stats(self) -> list[LayerStats]:
+        return [self.plugin.layer_stats(layer) for layer in self.plugin.layers]

@@ -73,6 +73,15 @@ def _layers(layers: tuple[int, ...] | list[int]) -> str:
     return ", ".join(runs) or "none"
 
 
+def _expert_vram_line(p) -> str:
+    if p.strategy != "rotary":
+        return f"  experts      {format_bytes(p.gpu_expert_bytes):>12}  layers {_layers(p.gpu_expert_layers)}"
+    counts = sorted({n for _, n in p.expert_slots}) or [0]
+    per_layer = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return (f"  expert slots {format_bytes(p.slot_bytes):>12}  {per_layer} per layer (rotary scheduler); "
+            f"~{p.device_read_share:.0%} of expert reads from VRAM if routing were uniform")
+
+
 def format_placement(index: ModelIndex, placement, profile, estimate: float) -> str:
     """The `rotary plan` table."""
     p = placement
@@ -90,7 +99,7 @@ def format_placement(index: ModelIndex, placement, profile, estimate: float) -> 
             f"  KV cache     {format_bytes(p.kv_bytes):>12}  ctx {p.ctx}, {p.kv_cache_type}",
             f"  compute      {format_bytes(p.compute_bytes):>12}  ubatch {profile.ubatch}",
             f"  GPU runtime  {format_bytes(p.overhead_bytes):>12}  CUDA context and pools",
-            f"  experts      {format_bytes(p.gpu_expert_bytes):>12}  layers {_layers(p.gpu_expert_layers)}",
+            _expert_vram_line(p),
             f"  total        {format_bytes(p.predicted_vram_bytes):>12}  of {format_bytes(p.vram_budget_bytes)}",
         ]
     else:
@@ -143,7 +152,7 @@ def format_profile(profile) -> str:
     ])
 
 
-def format_telemetry(generation, telemetry, placement, rss_before_load: int) -> str:
+def format_telemetry(generation, telemetry, placement, rss_before_load: int, rotary: dict | None = None) -> str:
     """The `/stats` lines of `rotary chat`."""
     lines = []
     if generation is not None:
@@ -159,6 +168,9 @@ def format_telemetry(generation, telemetry, placement, rss_before_load: int) -> 
     lines.append(f"host RSS       {format_bytes(telemetry.rss_bytes)}; the model added "
                  f"{format_bytes(telemetry.rss_bytes - rss_before_load)}, planned "
                  f"{format_bytes(placement.predicted_host_bytes)}")
+    if rotary is not None:
+        lines.append(f"rotary         {rotary['hit_rate']:.1%} of the last reply's expert reads from slots "
+                     f"({rotary['expert_reads_device']} device, {rotary['expert_reads_host']} host)")
     return "\n".join(lines)
 
 
@@ -167,12 +179,14 @@ def format_bench(result) -> str:
     lines = [f"model {result.model.name}, profile {result.profile.name}, VRAM budget "
              f"{format_bytes(result.vram_budget_bytes)}, GPU {result.gpu or 'none (CPU build)'}",
              f"{'placement':<18}{'prompt tok/s':>13}{'decode tok/s':>13}{'peak VRAM':>12}{'peak RSS':>12}"
-             f"{'RSS delta':>12}  GPU expert layers"]
+             f"{'RSS delta':>12}  GPU expert layers or rotary hit rate"]
     for r in result.placements:
         vram = format_bytes(r.peak_vram_bytes) if r.peak_vram_bytes is not None else "-"
         lines.append(f"{r.name:<18}{r.prompt_tok_s:>13.1f}{r.decode_tok_s:>13.1f}{vram:>12}"
                      f"{format_bytes(r.peak_rss_bytes):>12}{format_bytes(r.rss_delta_bytes):>12}  "
-                     f"{_layers(r.placement.gpu_expert_layers)}")
+                     + (f"{r.rotary['hit_rate']:.1%} of expert reads from slots" if r.rotary
+                        else _layers(r.placement.gpu_expert_layers)))
     if not result.vram_budget_bytes:
         lines.append("(no VRAM budget: every placement runs entirely on the CPU, experts from the mmap)")
+    lines += [f"({name} not run: {reason})" for name, reason in result.skipped.items()]
     return "\n".join(lines)

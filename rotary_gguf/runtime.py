@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from rotary_gguf import plugin as rotary_plugin
 from rotary_gguf.errors import RotaryError, RuntimeLoadError
-from rotary_gguf.plan import Placement
+from rotary_gguf.gguf import open_index
+from rotary_gguf.plan import ROTARY_MAX_BATCH_GPU, Placement
 from rotary_gguf.profile import Profile
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,60 @@ def gpu_device_name() -> str | None:
     return _state["ggml"].ggml_backend_dev_description(dev).decode() if dev else None
 
 
+def rotary_device() -> str | None:
+    """Where rotary expert slots can live in this process: "cpu" when ROTARY_SCHED_DEVICE=cpu (a second CPU
+    backend stands in for the GPU), "gpu" with a GPU build of llama.cpp, else None."""
+    if os.environ.get(rotary_plugin.DEVICE_ENV, "").strip().lower() == "cpu":
+        return "cpu"
+    return "gpu" if gpu_device_name() else None
+
+
+def scheduler_plugin() -> rotary_plugin.Plugin:
+    """The scheduler plugin, loaded, checked against this llama-cpp-python and registered as a ggml device
+    once per process (a failure to load is remembered: PluginError with the same reason every time)."""
+    device = rotary_device()
+    if device is None:
+        raise rotary_plugin.PluginError(
+            "rotary needs a GPU and this llama.cpp build has none (ROTARY_SCHED_DEVICE=cpu runs the scheduler "
+            "on a CPU stand-in device)")
+    if "plugin" not in _state:
+        try:
+            _llama_cpp().llama_backend_init()
+            _ggml()
+            plugin = rotary_plugin.Plugin(rotary_plugin.plugin_path(), _llama_cpp().__version__)
+            plugin.register(device)
+            _state["plugin"] = plugin
+        except rotary_plugin.PluginError as exc:
+            _state["plugin"] = exc
+    if isinstance(_state["plugin"], rotary_plugin.PluginError):
+        raise _state["plugin"]
+    return _state["plugin"]
+
+
+def rotary_unavailable() -> str | None:
+    """Why --placement rotary cannot run here, or None when it can."""
+    try:
+        scheduler_plugin()
+    except rotary_plugin.PluginError as exc:
+        return str(exc)
+    return None
+
+
+def _attach_scheduler(path: Path, placement: Placement | None) -> rotary_plugin.Residency | None:
+    """Before a load: configure the plugin for a rotary placement (slots allocated, empty), or make a
+    registered plugin claim nothing for any other placement."""
+    if placement is None or placement.strategy != "rotary":
+        if isinstance(_state.get("plugin"), rotary_plugin.Plugin):
+            _state["plugin"].reset()
+        return None
+    plugin = scheduler_plugin()
+    max_batch = int(os.environ.get("ROTARY_SCHED_MAX_BATCH", "0") or 0) or (
+        ROTARY_MAX_BATCH_GPU if rotary_device() == "gpu" else 0)
+    plugin.configure(open_index(path), max_batch=max_batch)
+    slots = {layer: plugin.set_slots(layer, n) for layer, n in placement.expert_slots}
+    return rotary_plugin.Residency(plugin, slots)
+
+
 class _Override(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
@@ -203,6 +259,7 @@ class LoadedModel:
     load_seconds: float
     rss_before_load: int
     log_lines: tuple[str, ...] = field(default=(), repr=False)  # llama.cpp's log of this load
+    residency: rotary_plugin.Residency | None = None  # the rotary scheduler's slots (rotary placement)
     _keepalive: Any = field(default=None, repr=False)
 
     def buffer_bytes(self, *, host: bool | None = None, kind: str | None = None) -> int:
@@ -246,6 +303,7 @@ def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_
     threads = n_threads or default_threads()
     overrides = _override_array(placement) if placement else None
     gpu = gpu_device_name()
+    residency = _attach_scheduler(path, placement)
     rss = rss_bytes()
     started = time.perf_counter()
     with _state["log"].capture() as lines, _llama_construction(overrides, repack):
@@ -260,7 +318,7 @@ def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_
             reason = _last(lines) if lines else str(exc)
             raise RuntimeLoadError(f"{path}: llama.cpp could not load the model: {reason}") from None
     return LoadedModel(llm, path, placement, parse_buffers(lines), gpu, time.perf_counter() - started, rss,
-                       tuple(lines), overrides)
+                       tuple(lines), residency, overrides)
 
 
 def context_options(placement: Placement, profile: Profile, *, threads: int | None = None,
@@ -303,7 +361,11 @@ def dry_run(path: str | os.PathLike[str], placement: Placement, *, n_ctx: int, n
             llama_cpp.llama_free(ctx)
         finally:
             llama_cpp.llama_model_free(model)
-    return parse_buffers(lines)
+    # The scheduler plugin's backend shares the CPU's buffer type; a real load allocates that compute buffer
+    # once, the dry run reports it once per backend.
+    buffers = parse_buffers(lines)
+    return tuple(b for i, b in enumerate(buffers) if b.kind != "compute" or b.name not in
+                 {a.name for a in buffers[:i] if a.kind == "compute"})
 
 
 def _last(lines: list[str]) -> str:
@@ -333,14 +395,17 @@ class Generation:
 
 
 def generate(llm: Any, prompt: str, max_tokens: int, *, temp: float = 0.0, seed: int = 0,
-             stream: Any = None, keep_state: bool = False) -> Generation:
+             stream: Any = None, keep_state: bool = False,
+             residency: rotary_plugin.Residency | None = None) -> Generation:
     """Decode up to max_tokens after prompt (greedy at temp 0), stopping at an end-of-generation token.
 
     `stream(text)` receives text pieces as they are decoded (whole UTF-8 characters only).
     `keep_state=True` reuses the KV cache for the prompt's longest common prefix with what was evaluated.
+    `residency` (a rotary model's) seeds the expert slots from the prompt's routing before decoding.
     """
     prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-    return generate_ids(llm, prompt_ids, max_tokens, temp=temp, seed=seed, stream=stream, keep_state=keep_state)
+    return generate_ids(llm, prompt_ids, max_tokens, temp=temp, seed=seed, stream=stream, keep_state=keep_state,
+                        residency=residency)
 
 
 def _common_prefix(a: list[int], b: Any) -> int:
@@ -353,7 +418,8 @@ def _common_prefix(a: list[int], b: Any) -> int:
 
 
 def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: float = 0.0, seed: int = 0,
-                 stream: Any = None, keep_state: bool = False, ignore_eos: bool = False) -> Generation:
+                 stream: Any = None, keep_state: bool = False, ignore_eos: bool = False,
+                 residency: rotary_plugin.Residency | None = None) -> Generation:
     """generate() from token ids; `ignore_eos=True` always decodes max_tokens (benchmarks)."""
     llama_cpp = _llama_cpp()
     n_ctx = context_size(llm)
@@ -369,6 +435,8 @@ def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: floa
     llm.set_seed(seed)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     started = time.perf_counter()
+    if residency:
+        residency.before_prompt()
     try:
         llm.eval(prompt_ids[llm.n_tokens:])
     except KeyboardInterrupt:
@@ -376,6 +444,8 @@ def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: floa
             raise
         # Stopped while reading the prompt: llm.eval drops any KV cells past n_tokens on the next call.
         return Generation(len(prompt_ids), (), "", time.perf_counter() - started, 0.0, False, True)
+    if residency:
+        residency.after_prompt()
     prompt_seconds = time.perf_counter() - started
     tokens: list[int] = []
     pending = b""

@@ -18,3 +18,5 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 .venv/bin/python -m pip install --quiet --upgrade pip
 echo "installing rotary-gguf into .venv (llama-cpp-python builds from source the first time: ~8 min)" >&2
 .venv/bin/python -m pip install --quiet -e '.[test]'
+echo "building the rotary scheduler plugin (native/) against the installed llama.cpp" >&2
+.venv/bin/rotary plugin build

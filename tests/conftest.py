@@ -40,6 +40,19 @@ def arch_models(models_dir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def wide_arch_models(models_dir: Path) -> dict[tuple[str, str], Path]:
+    """Every architecture layout at rows of 256, in F32, Q8_0 and Q4_K: (arch, type) -> path."""
+    return {(arch, q): synth_model(models_dir / f"wide-{arch}-{q}.gguf", for_arch(WIDE, arch), q, seed=7).path
+            for arch in ARCHITECTURES for q in ("f32", "q8_0", "q4_k")}
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotary scheduler's CPU stand-in device (this machine has no GPU)."""
+    monkeypatch.setenv("ROTARY_SCHED_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
 def small_model(models_dir: Path) -> Path:
     """The `small` preset at its default type (Q4_K, ~140 MB): for memory and speed checks."""
     return synth_model(models_dir / "small-q4_k.gguf", PRESETS["small"], "q4_k", seed=5).path

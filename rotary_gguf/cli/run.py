@@ -47,6 +47,29 @@ def _setup(model: Path, profile_name: str, vram_budget: str | None):
     return index, profile, budget
 
 
+PLACEMENTS = ("auto", *STRATEGIES)
+
+
+def _usable(strategy: str) -> str:
+    """auto: rotary when the scheduler plugin can run here, else layer-fill. rotary that cannot run (no
+    GPU, plugin missing or built for another llama-cpp-python) falls back to layer-fill, said in one line."""
+    if strategy not in ("auto", "rotary"):
+        return strategy
+    from rotary_gguf import runtime
+
+    reason = runtime.rotary_unavailable()
+    if reason is None:
+        return "rotary"
+    if strategy == "rotary":
+        click.echo(f"note: {reason}; using layer-fill", err=True)
+    return "layer-fill"
+
+
+def _placement_choice(default: str = "auto", **kwargs):
+    return click.option("--placement", type=click.Choice(PLACEMENTS), default=default, show_default=True,
+                        help="auto: rotary when a GPU and the scheduler plugin are here, else layer-fill.", **kwargs)
+
+
 def _plan(index, profile, budget, ctx, strategy="layer-fill", layer_order="first"):
     from rotary_gguf.plan import plan_placement
 
@@ -153,21 +176,24 @@ def _runtime_options(func):
 @click.option("--temp", type=click.FloatRange(min=0), default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chat", "as_chat", is_flag=True, help="Send PROMPT as one user turn through the model's chat template.")
+@_placement_choice()
 def run(model: Path, prompt: str, profile_name: str, vram_budget: str | None, ctx: int | None,
-        threads: int | None, repack: bool, n_tokens: int, temp: float, seed: int, as_chat: bool) -> None:
+        threads: int | None, repack: bool, n_tokens: int, temp: float, seed: int, as_chat: bool,
+        placement: str) -> None:
     """Generate a completion of PROMPT, streamed to stdout (statistics on stderr)."""
     from rotary_gguf import runtime
     from rotary_gguf.chat import template_for
 
     index, profile, budget = _setup(model, profile_name, vram_budget)
-    loaded = _load(model, _plan(index, profile, budget, ctx), profile, threads, repack)
+    loaded = _load(model, _plan(index, profile, budget, ctx, _usable(placement)), profile, threads, repack)
     if as_chat:
         prompt = template_for(loaded, index.metadata).render([{"role": "user", "content": prompt}])
 
     def stream(text: str) -> None:
         click.echo(text, nl=False)
 
-    g = runtime.generate(loaded.llm, prompt, n_tokens, temp=temp, seed=seed, stream=stream)
+    g = runtime.generate(loaded.llm, prompt, n_tokens, temp=temp, seed=seed, stream=stream,
+                         residency=loaded.residency)
     click.echo()
     click.echo(f"[{g.prompt_tokens} prompt tokens at {g.prompt_tokens_per_second:.1f} tok/s, "
                f"{len(g.tokens)} generated at {g.decode_tokens_per_second:.1f} tok/s]", err=True)
@@ -182,8 +208,9 @@ def run(model: Path, prompt: str, profile_name: str, vram_budget: str | None, ct
 @click.option("--temp", type=click.FloatRange(min=0), default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--system", default=None, help="A system message for the conversation.")
+@_placement_choice()
 def chat(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, threads: int | None,
-         repack: bool, max_reply: int, temp: float, seed: int, system: str | None) -> None:
+         repack: bool, max_reply: int, temp: float, seed: int, system: str | None, placement: str) -> None:
     """Chat with MODEL in the terminal, with its own chat template.
 
     /reset clears the conversation, /stats shows speed and memory, /exit (or Ctrl-D) quits;
@@ -193,7 +220,7 @@ def chat(model: Path, profile_name: str, vram_budget: str | None, ctx: int | Non
     from rotary_gguf.chat import ChatSession, template_for
 
     index, profile, budget = _setup(model, profile_name, vram_budget)
-    placement = _plan(index, profile, budget, ctx)
+    placement = _plan(index, profile, budget, ctx, _usable(placement))
     loaded = _load(model, placement, profile, threads, repack)
     session = ChatSession(loaded, template_for(loaded, index.metadata), max_reply_tokens=max_reply, temp=temp,
                           seed=seed, system=system)
@@ -203,6 +230,7 @@ def chat(model: Path, profile_name: str, vram_budget: str | None, ctx: int | Non
 
 
 def _chat_loop(session, placement) -> None:
+    from rotary_gguf.bench import rotary_stats
     from rotary_gguf.errors import RotaryError
 
     try:
@@ -229,7 +257,9 @@ def _chat_loop(session, placement) -> None:
             click.echo("[conversation cleared]")
             continue
         if command == "/stats":
-            click.echo(format_telemetry(session.last, session.telemetry(), placement, session.model.rss_before_load))
+            rotary = rotary_stats(session.model.residency) if session.model.residency else None
+            click.echo(format_telemetry(session.last, session.telemetry(), placement, session.model.rss_before_load,
+                                        rotary))
             continue
         try:
             reply = session.send(line, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -247,7 +277,8 @@ def _chat_loop(session, placement) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @_placement_options
 @_runtime_options
-@click.option("--placement", "only", type=click.Choice(STRATEGIES), default=None, help="Run one placement only.")
+@click.option("--placement", "only", type=click.Choice(STRATEGIES), default=None,
+              help="Run one placement only [default: all; rotary where the scheduler plugin can run].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--tokens", "decode_tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -257,12 +288,21 @@ def bench(model: Path, profile_name: str, vram_budget: str | None, ctx: int | No
     from rotary_gguf.bench import run_bench
 
     index, profile, budget = _setup(model, profile_name, vram_budget)
-    strategies = (only,) if only else STRATEGIES
+    skipped = {}
+    if only:
+        strategies = (_usable(only),)
+    else:
+        from rotary_gguf import runtime
+
+        reason = runtime.rotary_unavailable()
+        strategies = tuple(s for s in STRATEGIES if s != "rotary" or reason is None)
+        skipped = {"rotary": reason} if reason else {}
     bar = LazyBar("benchmarking")
     try:
         result = run_bench(model, index, profile, strategies=strategies, vram_budget=budget, ctx=ctx,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
-                           repack=repack, progress=lambda done, name: bar(done, len(strategies), name))
+                           repack=repack, skipped=skipped,
+                           progress=lambda done, name: bar(done, len(strategies), name))
         bar(len(strategies), len(strategies), "done")
     finally:
         bar.close()

@@ -1,0 +1,210 @@
+"""The rotary scheduler plugin on the CPU stand-in device: outputs equal llama.cpp's without it, for every
+layout, type and slot count; its routing counts equal an eval callback's; missing or foreign builds fall back."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rotary_gguf import runtime
+from rotary_gguf.cli import main
+from rotary_gguf.gguf import open_index
+from rotary_gguf.plan import plan_placement, rotary_scratch_bytes
+from rotary_gguf.plugin import Plugin, PluginError, plugin_path
+from rotary_gguf.profile import load_profile
+from rotary_gguf.synth import ARCHITECTURES
+
+PROMPT = list(range(10, 58))  # 48 tokens of the embedded vocabulary: one prompt batch
+GPU_PROFILE = load_profile("rtx4060-laptop-8gb")
+
+
+def _placement(path: Path, strategy: str, slots: int = 0):
+    base = plan_placement(open_index(path), GPU_PROFILE, strategy=strategy, vram_budget=4 * 2**30, ctx=256)
+    return replace(base, expert_slots=tuple((layer, slots) for layer, _ in base.expert_slots))
+
+
+def _load(path: Path, strategy: str, slots: int = 0) -> runtime.LoadedModel:
+    model = runtime.load(path, _placement(path, strategy, slots), n_ctx=256, n_threads=2)
+    if model.residency:
+        for layer, n in model.residency.slots.items():
+            odd_first = sorted(range(model.residency.plugin.n_expert(layer)), key=lambda e: (e % 2 == 0, e))
+            model.residency.plugin.set_resident(layer, odd_first[:n])
+    return model
+
+
+def _logits(model: runtime.LoadedModel) -> tuple[np.ndarray, np.ndarray]:
+    """Logits after the prompt batch and after one decoded token."""
+    model.llm.reset()
+    model.llm.eval(PROMPT)
+    batch = runtime.last_logits(model.llm)
+    model.llm.eval([int(np.argmax(batch))])
+    return batch, runtime.last_logits(model.llm)
+
+
+def _split(model: runtime.LoadedModel) -> tuple[int, int]:
+    stats = model.residency.layer_stats()
+    return sum(s.device_pairs for s in stats), sum(s.host_pairs for s in stats)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_f32_logits_equal_without_plugin(stand_in, wide_arch_models, arch):
+    path = wide_arch_models[(arch, "f32")]
+    reference = _logits(_load(path, "experts-on-host"))
+    for slots in (0, 3, 8):
+        model = _load(path, "rotary", slots)
+        model.residency.plugin.reset_stats()
+        batch, decode = _logits(model)
+        device, host = _split(model)
+        assert np.abs(batch - reference[0]).max() <= 1e-5, (arch, slots)
+        assert np.abs(decode - reference[1]).max() <= 1e-5, (arch, slots)
+        assert (device > 0) == (slots > 0) and (host > 0) == (slots < 8), (arch, slots, device, host)
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_tokens_equal_without_plugin(stand_in, wide_arch_models, arch, qtype):
+    path = wide_arch_models[(arch, qtype)]
+    reference = runtime.generate_ids(_load(path, "experts-on-host").llm, PROMPT, 64, ignore_eos=True).tokens
+    for slots in (0, 3, 8):
+        model = _load(path, "rotary", slots)
+        # The residency seeds its slots from the prompt's routing before the decode starts.
+        tokens = runtime.generate_ids(model.llm, PROMPT, 64, ignore_eos=True, residency=model.residency).tokens
+        device, host = _split(model)
+        assert tokens == reference, (arch, qtype, slots)
+        assert device + host == 64 * 2 * 2  # decoded tokens x layers x experts used
+        assert (device > 0) == (slots > 0) and (host > 0) == (slots < 8), (arch, qtype, slots, device, host)
+
+
+class _Tensor(ctypes.Structure):
+    """struct ggml_tensor (ggml.h) up to its name."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4),
+                ("nb", ctypes.c_size_t * 4), ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16),
+                ("flags", ctypes.c_int32), ("src", ctypes.c_void_p * 10), ("view_src", ctypes.c_void_p),
+                ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
+
+
+def _eval_callback_counts(path: Path, tokens: list[int]) -> dict[int, Counter]:
+    """Expert selections per layer read from every ffn_moe_topk node by llama.cpp's eval callback."""
+    import llama_cpp
+
+    counts: dict[int, Counter] = {}
+
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def callback(tensor_ptr, ask, user_data):
+        t = _Tensor.from_address(tensor_ptr)
+        name = t.name.decode()
+        if not name.startswith("ffn_moe_topk-"):
+            return False
+        if not ask:
+            layer = counts.setdefault(int(name.rsplit("-", 1)[1]), Counter())
+            for token in range(t.ne[1]):
+                for slot in range(t.ne[0]):
+                    layer[ctypes.c_int32.from_address(t.data + token * t.nb[1] + slot * t.nb[0]).value] += 1
+        return True
+
+    original = llama_cpp.llama_cpp.llama_context_default_params
+
+    def with_callback():
+        params = original()
+        params.cb_eval = callback
+        return params
+
+    llama_cpp.llama_cpp.llama_context_default_params = with_callback
+    try:
+        model = runtime.load(path, _placement(path, "experts-on-host"), n_ctx=256, n_threads=2)
+    finally:
+        llama_cpp.llama_cpp.llama_context_default_params = original
+    model.llm.reset()
+    model.llm.eval(tokens)
+    return counts
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
+def test_routing_counts_equal_an_eval_callback(stand_in, wide_arch_models, arch):
+    path = wide_arch_models[(arch, "q8_0")]
+    expected = _eval_callback_counts(path, PROMPT)
+    model = _load(path, "rotary", 3)
+    model.residency.plugin.reset_stats()
+    model.llm.reset()
+    model.llm.eval(PROMPT)
+    for stats in model.residency.layer_stats():
+        assert dict(enumerate(stats.counts)) == {e: expected[stats.layer][e] for e in range(len(stats.counts))}
+        assert stats.device_pairs + stats.host_pairs == sum(expected[stats.layer].values())
+
+
+def test_prompt_seeds_slots_with_its_most_used_experts(stand_in, wide_arch_models):
+    path = wide_arch_models[("qwen3moe", "q8_0")]
+    expected = _eval_callback_counts(path, PROMPT)
+    model = _load(path, "rotary", 3)
+    runtime.generate_ids(model.llm, PROMPT, 4, ignore_eos=True, residency=model.residency)
+    for layer, resident in model.residency.resident.items():
+        n_expert = model.residency.plugin.n_expert(layer)
+        top = sorted((expected[layer][e] for e in range(n_expert)), reverse=True)[:3]
+        assert sorted((expected[layer][e] for e in resident), reverse=True) == top
+
+
+def test_plugin_api_errors_are_plugin_errors(stand_in, wide_arch_models):
+    model = _load(wide_arch_models[("qwen3moe", "q8_0")], "rotary", 3)
+    plugin = model.residency.plugin
+    with pytest.raises(PluginError, match="out of range or repeated"):
+        plugin.set_resident(0, [1, 1])
+    with pytest.raises(PluginError, match="4 experts for 3 slots"):
+        plugin.set_resident(0, [0, 1, 2, 3])
+    with pytest.raises(PluginError, match="no configured expert tensors"):
+        plugin.set_slots(99, 1)
+
+
+def test_foreign_build_is_refused():
+    with pytest.raises(PluginError, match="built as 'rotary-sched 1; llama-cpp-python 0.3.36.*rotary plugin build"):
+        Plugin(plugin_path(), "9.9.9")
+    with pytest.raises(PluginError, match="cannot load the scheduler plugin"):
+        Plugin(Path("/nonexistent/librotary_sched.so"), "0.3.36")
+
+
+def _rotary_cli(tiny_model: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "rotary_gguf", "run", str(tiny_model), "Hello", "-n", "4", "--temp", "0",
+               "--profile", "rtx4060-laptop-8gb", "--placement", "rotary"]
+    clean = {k: v for k, v in os.environ.items() if k not in ("ROTARY_SCHED_DEVICE", "ROTARY_PLUGIN")}
+    return subprocess.run(command, capture_output=True, text=True, env={**clean, **env}, timeout=120)
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({}, "rotary needs a GPU and this llama.cpp build has none"),
+    ({"ROTARY_SCHED_DEVICE": "cpu", "ROTARY_PLUGIN": "/nonexistent/librotary_sched.so"},
+     "cannot load the scheduler plugin"),
+])
+def test_rotary_falls_back_to_layer_fill_in_one_line(tiny_model, env, reason):
+    done = _rotary_cli(tiny_model, env)
+    assert done.returncode == 0, done.stderr
+    notes = [line for line in done.stderr.splitlines() if line.startswith("note: ")]
+    assert len([n for n in notes if reason in n and n.endswith("using layer-fill")]) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_bench_json_reports_the_rotary_placement(stand_in, wide_arch_models):
+    path = wide_arch_models[("qwen3moe", "q8_0")]
+    index = open_index(path)
+    without_slots = plan_placement(index, GPU_PROFILE, strategy="experts-on-host", ctx=256).predicted_vram_bytes
+    budget = without_slots + rotary_scratch_bytes(index) + 3 * sum(index.slot_bytes(i) for i in index.moe_layers)
+    out = CliRunner().invoke(main, ["bench", str(path), "--profile", "rtx4060-laptop-8gb", "--vram-budget",
+                                    f"{budget}B", "--ctx", "256", "--prompt-tokens", "32", "--tokens", "16",
+                                    "--threads", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    placements = {p["name"]: p for p in json.loads(out.stdout)["placements"]}
+    assert set(placements) == {"layer-fill", "experts-on-host", "rotary"}
+    rotary = placements["rotary"]
+    assert rotary["rotary"]["slots"] == {"0": 3, "1": 3}
+    assert rotary["expert_reads_device"] + rotary["expert_reads_host"] == 16 * 2 * 2
+    assert 0 < rotary["hit_rate"] < 1
+    assert rotary["predicted_vram_bytes"] <= budget
