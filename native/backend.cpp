@@ -54,7 +54,8 @@ static bool supports_op(ggml_backend_dev_t, const ggml_tensor * op) {
     if (op->op == GGML_OP_MUL_MAT_ID) {
         const ggml_tensor * x = op->src[1];
         return s.tensor_by_name.count(op->src[0]->name) && x->type == GGML_TYPE_F32 && op->type == GGML_TYPE_F32
-               && x->nb[0] == sizeof(float) && (s.max_batch <= 0 || op->ne[2] <= s.max_batch);
+               && x->nb[0] == sizeof(float) && (s.max_batch <= 0 || op->ne[2] <= s.max_batch)
+               && ggml_backend_dev_supports_op(s.cpu_dev, op);
     }
     const int layer = expert_ffn_layer(op->name);
     if (layer < 0 || !s.layers.count(layer)) {
@@ -94,11 +95,13 @@ static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
         if (layer.n_resident == 0) {
             continue;  // every pair on the host: the node stays in the host run
         }
-        const ggml_status status = compute_on_host(graph, first, i);
+        ggml_status status = compute_on_host(graph, first, i);
+        if (status == GGML_STATUS_SUCCESS && !s.compute_expert_matmul(node, index)) {
+            status = compute_on_host(graph, i, i + 1);  // a worker refused: the whole node on the host
+        }
         if (status != GGML_STATUS_SUCCESS) {
             return status;
         }
-        s.compute_expert_matmul(node, index);
         first = i + 1;
     }
     return compute_on_host(graph, first, graph->n_nodes);
@@ -173,8 +176,10 @@ static ggml_backend_buffer_type_t device_buffer_type(ggml_backend_dev_t) {
     return ggml_backend_dev_buffer_type(scheduler().cpu_dev);
 }
 
+// Host memory, and the CPU's repacking buffer types (llama.cpp's --repack path): the CPU side then computes
+// from the repacked copy, the device side from the file's own layout.
 static bool device_supports_buft(ggml_backend_dev_t, ggml_backend_buffer_type_t buft) {
-    return ggml_backend_buft_is_host(buft);
+    return ggml_backend_dev_supports_buft(scheduler().cpu_dev, buft);
 }
 
 static const ggml_backend_device_i kDevice = {

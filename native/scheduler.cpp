@@ -58,8 +58,8 @@ bool Worker::launch(ggml_tensor * matrices, const ggml_tensor * node, const Pair
     ggml_set_output(out_);
     ggml_cgraph * graph = ggml_new_graph_custom(ctx_, 8, false);
     ggml_build_forward_expand(graph, out_);
-    if (!ggml_gallocr_alloc_graph(galloc_, graph)) {
-        set_error("cannot allocate the scratch of an expert matmul on " + std::string(ggml_backend_name(backend)));
+    // A type the device cannot multiply, or repacked weights whose kernels refuse this shape.
+    if (!ggml_backend_supports_op(backend, out_) || !ggml_gallocr_alloc_graph(galloc_, graph)) {
         ggml_free(ctx_);
         ctx_ = nullptr;
         return false;
@@ -110,14 +110,18 @@ int Scheduler::bind(const ggml_tensor * w) {
     }
     int result = -1;
     auto named = tensor_by_name.find(w->name);
-    if (named != tensor_by_name.end() && w->data && w->buffer && ggml_backend_buffer_is_host(w->buffer)) {
+    if (named != tensor_by_name.end() && w->data && w->buffer) {
         const ExpertTensor & t = tensors[named->second];
         const uint8_t * file = files[t.file].base + t.offset;
         const uint64_t last = (t.n_expert - 1) * t.expert_bytes;
         const size_t n = (size_t) std::min<uint64_t>(t.expert_bytes, 4096);
-        if (w->type == t.type && w->ne[0] == t.ne0 && w->ne[1] == t.ne1 && w->ne[2] == t.n_expert
-            && w->nb[2] == t.expert_bytes && ggml_is_contiguous(w)
-            && std::memcmp(w->data, file, n) == 0 && std::memcmp((const uint8_t *) w->data + last, file + last, n) == 0) {
+        const bool same_shape = w->type == t.type && w->ne[0] == t.ne0 && w->ne[1] == t.ne1
+                                && w->ne[2] == t.n_expert && w->nb[2] == t.expert_bytes && ggml_is_contiguous(w);
+        // A repacked copy (not host layout) cannot be compared with the file: name and shape must do.
+        const bool same_bytes = !ggml_backend_buffer_is_host(w->buffer)
+                                || (std::memcmp(w->data, file, n) == 0
+                                    && std::memcmp((const uint8_t *) w->data + last, file + last, n) == 0);
+        if (same_shape && same_bytes) {
             result = named->second;
         }
     }
@@ -143,7 +147,8 @@ void Scheduler::count(const ggml_tensor * ids, Layer & layer) {
     }
 }
 
-void Scheduler::compute_expert_matmul(ggml_tensor * node, int tensor_index) {
+// Returns false when the host worker refuses its part (the caller then computes the whole node on the host).
+bool Scheduler::compute_expert_matmul(ggml_tensor * node, int tensor_index) {
     const ExpertTensor & t = tensors[tensor_index];
     const Layer & layer = layers.at(t.layer);
     const ggml_tensor * ids = node->src[2];
@@ -160,19 +165,20 @@ void Scheduler::compute_expert_matmul(ggml_tensor * node, int tensor_index) {
         }
     }
     split_matmuls++;
-    const bool on_device_running = on_device.size() && device.launch(t.slots, node, on_device);
-    if (on_device.size() && !on_device_running) {
-        // The device refused (out of memory): its pairs run on the host with the model's weights.
-        for (size_t p = 0; p < on_device.size(); p++) {
+    const bool device_running = on_device.size() && device.launch(t.slots, node, on_device);
+    if (on_device.size() && !device_running) {
+        for (size_t p = 0; p < on_device.size(); p++) {  // the device refused: its pairs go to the host
             on_host.add(on_device.slot[p], on_device.token[p], layer.expert_in_slot[on_device.id[p]]);
         }
     }
-    if (on_host.size() && host.launch(node->src[0], node, on_host)) {
+    const bool host_done = !on_host.size() || host.launch(node->src[0], node, on_host);
+    if (on_host.size() && host_done) {
         host.finish(node, on_host);
     }
-    if (on_device_running) {
+    if (device_running) {
         device.finish(node, on_device);
     }
+    return host_done;
 }
 
 size_t Scheduler::device_bytes() const {

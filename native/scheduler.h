@@ -93,7 +93,7 @@ struct Scheduler {
     bool configured() const { return !tensors.empty(); }
     void reset();
     int bind(const ggml_tensor * weights);
-    void compute_expert_matmul(ggml_tensor * node, int tensor_index);
+    bool compute_expert_matmul(ggml_tensor * node, int tensor_index);
     void count(const ggml_tensor * ids, Layer & layer);
     size_t device_bytes() const;
 };

@@ -321,6 +321,22 @@ def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_
                        tuple(lines), residency, overrides)
 
 
+def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type_name: str,
+             n_threads: int | None = None) -> None:
+    """Re-quantize a GGUF with llama.cpp's own quantizer (`llama_model_quantize`); type_name as llama.cpp's
+    LLAMA_FTYPE_MOSTLY_* names it: q8_0, q4_k_m, q5_k_m, q6_k, f16, bf16, ..."""
+    llama_cpp = _llama_cpp()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name.upper()}", None)
+    if ftype is None:
+        raise RotaryError(f"unknown llama.cpp quantization type {type_name!r}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, n_threads or default_threads()
+    with _state["log"].capture() as lines:
+        failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if failed:
+        raise RuntimeLoadError(f"{src}: llama.cpp could not quantize to {type_name}: {_last(lines)}")
+
+
 def context_options(placement: Placement, profile: Profile, *, threads: int | None = None,
                     repack: bool = False) -> dict[str, Any]:
     """The load()/dry_run() keyword arguments a placement and its profile imply."""

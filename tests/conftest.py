@@ -41,9 +41,18 @@ def arch_models(models_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def wide_arch_models(models_dir: Path) -> dict[tuple[str, str], Path]:
-    """Every architecture layout at rows of 256, in F32, Q8_0 and Q4_K: (arch, type) -> path."""
-    return {(arch, q): synth_model(models_dir / f"wide-{arch}-{q}.gguf", for_arch(WIDE, arch), q, seed=7).path
-            for arch in ARCHITECTURES for q in ("f32", "q8_0", "q4_k")}
+    """Every architecture layout at rows of 256: F32 and Q8_0 written directly, and Q4_K_M made from the
+    F32 file by llama.cpp's own quantizer (Q4_K with Q6_K down projections in some layers):
+    (arch, type) -> path."""
+    from rotary_gguf import runtime
+
+    models = {}
+    for arch in ARCHITECTURES:
+        for q in ("f32", "q8_0"):
+            models[(arch, q)] = synth_model(models_dir / f"wide-{arch}-{q}.gguf", for_arch(WIDE, arch), q, seed=7).path
+        models[(arch, "q4_k_m")] = models_dir / f"wide-{arch}-q4_k_m.gguf"
+        runtime.quantize(models[(arch, "f32")], models[(arch, "q4_k_m")], "q4_k_m", n_threads=2)
+    return models
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_f32_logits_equal_without_plugin(stand_in, wide_arch_models, arch):
         assert (device > 0) == (slots > 0) and (host > 0) == (slots < 8), (arch, slots, device, host)
 
 
-@pytest.mark.parametrize("qtype", ["q8_0", "q4_k"])
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_greedy_tokens_equal_without_plugin(stand_in, wide_arch_models, arch, qtype):
     path = wide_arch_models[(arch, qtype)]
@@ -208,3 +208,24 @@ def test_bench_json_reports_the_rotary_placement(stand_in, wide_arch_models):
     assert rotary["expert_reads_device"] + rotary["expert_reads_host"] == 16 * 2 * 2
     assert 0 < rotary["hit_rate"] < 1
     assert rotary["predicted_vram_bytes"] <= budget
+
+
+def test_repacked_host_experts_are_served(stand_in, wide_arch_models):
+    """With llama.cpp's CPU repacking (--repack) the plugin still claims the expert FFN: with no slots it
+    computes from the repacked copy exactly as llama.cpp does; slots compute from the file's layout."""
+    path = wide_arch_models[("qwen3moe", "q4_k_m")]
+    host = runtime.load(path, _placement(path, "experts-on-host"), n_ctx=256, n_threads=2, repack=True)
+    assert any("CPU_REPACK" in line for line in host.log_lines)
+    reference = _logits(host)
+    for slots in (0, 8):
+        model = runtime.load(path, _placement(path, "rotary", slots), n_ctx=256, n_threads=2, repack=True)
+        for layer, n in model.residency.slots.items():
+            model.residency.plugin.set_resident(layer, list(range(n)))
+        model.residency.plugin.reset_stats()
+        batch, _ = _logits(model)
+        assert model.residency.plugin.stats()["graph_calls"] > 0
+        if slots == 0:
+            assert np.array_equal(batch, reference[0])
+        else:
+            assert _split(model)[1] == 0
+            assert np.abs(batch - reference[0]).max() <= 0.05 * np.abs(reference[0]).max()
