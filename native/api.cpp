@@ -2,6 +2,7 @@
 #include "rotary_sched.h"
 #include "scheduler.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -105,6 +106,7 @@ int rotary_sched_add_tensor(const char * name, int file, uint64_t offset, uint64
         return fail(std::string(name) + ": " + std::to_string(n_expert) + " experts, other tensors of layer "
                     + std::to_string(layer) + " have " + std::to_string(l.n_expert));
     }
+    l.slot_bytes += expert_bytes;
     if (!l.n_expert) {
         l.n_expert = n_expert;
         l.counts.assign(n_expert, 0);
@@ -136,6 +138,7 @@ int rotary_sched_set_slots(int layer, int n_slots) {
     if (!s.registered) {
         return fail("the scheduler is not registered");
     }
+    s.commit();
     Layer & l = found->second;
     free_slots(l);
     if (n_slots <= 0) {
@@ -165,6 +168,7 @@ int rotary_sched_set_resident(int layer, const int32_t * experts, int n_experts)
     if (found == s.layers.end()) {
         return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
     }
+    s.commit();
     Layer & l = found->second;
     if (n_experts < 0 || n_experts > (int) l.expert_in_slot.size()) {
         return fail("layer " + std::to_string(layer) + ": " + std::to_string(n_experts) + " experts for "
@@ -209,6 +213,9 @@ int rotary_sched_layer_stats(int layer, uint64_t * out, uint64_t * counts, int n
     const Layer & l = found->second;
     out[0] = l.device_pairs;
     out[1] = l.host_pairs;
+    out[2] = l.admissions;
+    out[3] = l.evictions;
+    out[4] = l.bytes_copied;
     for (int e = 0; e < n_expert && e < l.n_expert; e++) {
         counts[e] = l.counts[e];
     }
@@ -220,13 +227,94 @@ void rotary_sched_stats(uint64_t * out) {
     out[0] = s.graph_calls;
     out[1] = s.split_matmuls;
     out[2] = s.device_bytes();
+    out[3] = s.stall_ns;
+    out[4] = s.commits;
 }
 
 void rotary_sched_reset_stats(void) {
     Scheduler & s = scheduler();
-    s.graph_calls = s.split_matmuls = 0;
+    s.graph_calls = s.split_matmuls = s.stall_ns = s.commits = 0;
     for (auto & entry : s.layers) {
         entry.second.device_pairs = entry.second.host_pairs = 0;
+        entry.second.admissions = entry.second.evictions = entry.second.bytes_copied = 0;
         std::fill(entry.second.counts.begin(), entry.second.counts.end(), 0);
     }
+}
+
+void rotary_sched_set_recording(int on) {
+    Scheduler & s = scheduler();
+    s.recording = on != 0;
+    for (auto & entry : s.layers) {
+        entry.second.routing.clear();
+    }
+}
+
+int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity) {
+    Scheduler & s = scheduler();
+    auto found = s.layers.find(layer);
+    if (found == s.layers.end()) {
+        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    }
+    std::vector<int32_t> & routing = found->second.routing;
+    if (!out) {
+        return (int64_t) routing.size();
+    }
+    const int64_t n = std::min<int64_t>(capacity, (int64_t) routing.size());
+    std::copy(routing.begin(), routing.begin() + n, out);
+    routing.erase(routing.begin(), routing.begin() + n);
+    return n;
+}
+
+int rotary_sched_admit(int layer, const int32_t * experts, const int32_t * slots, int n) {
+    Scheduler & s = scheduler();
+    auto found = s.layers.find(layer);
+    if (found == s.layers.end()) {
+        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    }
+    Layer & l = found->second;
+    for (int k = 0; k < n; k++) {
+        const int32_t e = experts[k], slot = slots[k];
+        const bool pending = std::any_of(s.pending.begin(), s.pending.end(), [&](const CopyJob & job) {
+            return job.layer == layer && (job.slot == slot || job.expert == e);
+        });
+        if (e < 0 || e >= l.n_expert || slot < 0 || slot >= (int) l.expert_in_slot.size() || pending
+            || l.slot_of_expert[e] >= 0) {
+            return fail("layer " + std::to_string(layer) + ": cannot admit expert " + std::to_string(e) + " into slot "
+                        + std::to_string(slot) + " (out of range, resident, or already being copied)");
+        }
+        if (l.expert_in_slot[slot] >= 0) {  // evict: out of the table now, before the copy overwrites it
+            l.slot_of_expert[l.expert_in_slot[slot]] = -1;
+            l.expert_in_slot[slot] = -1;
+            l.n_resident--;
+            l.evictions++;
+        }
+        l.admissions++;
+        l.bytes_copied += l.slot_bytes;
+        s.pending.push_back({ layer, e, slot });
+        s.copier.submit(s.pending.back());
+    }
+    return n;
+}
+
+void rotary_sched_commit(void) {
+    scheduler().commit();
+}
+
+int rotary_sched_set_replay(int layer, const int32_t * ids, int64_t n) {
+    Scheduler & s = scheduler();
+    auto found = s.layers.find(layer);
+    if (found == s.layers.end()) {
+        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    }
+    Layer & l = found->second;
+    for (int64_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= l.n_expert) {
+            return fail("layer " + std::to_string(layer) + ": replayed expert " + std::to_string(ids[i])
+                        + " is out of range");
+        }
+    }
+    l.replay.assign(ids, ids + n);
+    l.replay_cursor = 0;
+    l.replay_call = 0;
+    return 0;
 }

@@ -78,6 +78,7 @@ static ggml_status compute_on_host(ggml_cgraph * graph, int first, int end) {
 static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
     Scheduler & s = scheduler();
     s.graph_calls++;
+    s.compute_serial++;
     int first = 0;
     for (int i = 0; i < graph->n_nodes; i++) {
         ggml_tensor * node = graph->nodes[i];
@@ -89,6 +90,9 @@ static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
             continue;
         }
         Layer & layer = s.layers.at(s.tensors[index].layer);
+        if (!layer.replay.empty() && layer.replay_call != s.compute_serial) {
+            s.replay(node->src[2], layer);
+        }
         if (s.tensors[index].counts_routing) {
             s.count(node->src[2], layer);
         }
@@ -276,8 +280,14 @@ int rotary_sched_register(const char * device) {
         set_error(std::string("cannot start a backend on ") + ggml_backend_dev_name(s.slot_dev));
         return -1;
     }
+    ggml_backend_t copies = gpu ? ggml_backend_dev_init(s.slot_dev, nullptr) : slots;  // a stream of its own
+    if (!copies) {
+        set_error(std::string("cannot start a copy backend on ") + ggml_backend_dev_name(s.slot_dev));
+        return -1;
+    }
     s.host.init(host);
     s.device.init(slots);
+    s.copier.start(copies, gpu ? ggml_backend_dev_host_buffer_type(s.slot_dev) : nullptr);
     s.gpu = gpu;
     s.description = std::string("rotary expert scheduler, slots on ") + ggml_backend_dev_name(s.slot_dev) + " ("
                     + ggml_backend_dev_description(s.slot_dev) + ")";

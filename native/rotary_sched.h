@@ -38,11 +38,27 @@ ROTARY_API int rotary_sched_set_resident(int layer, const int32_t * experts, int
 // Prompt batches of more than n tokens are left to llama.cpp (its own GPU offload); <= 0: no limit.
 ROTARY_API void rotary_sched_set_max_batch(int n_tokens);
 
+// Rotation. Admit experts into slots: each slot's previous expert leaves the slot table at once, the
+// copy runs in the background, and the expert enters the table at the next commit (which waits for the
+// copies still running). Call both between llama_decode calls.
+ROTARY_API int rotary_sched_admit(int layer, const int32_t * experts, const int32_t * slots, int n);
+ROTARY_API void rotary_sched_commit(void);
+
+// Routing record: while on, the ids of every MoE block are kept per layer (token-major, n_expert_used
+// per token) until taken. take with out == NULL returns how many are waiting.
+ROTARY_API void rotary_sched_set_recording(int on);
+ROTARY_API int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity);
+
+// Benchmarks only: substitute these ids (token-major, cycled) for the router's in this layer; n = 0 stops.
+ROTARY_API int rotary_sched_set_replay(int layer, const int32_t * ids, int64_t n);
+
 // Statistics since the last reset. Per layer: out[0] (token, expert) pairs computed on the device,
-// out[1] pairs computed on the host; counts[e]: selections of expert e (n_expert entries).
+// out[1] pairs computed on the host, out[2] admissions, out[3] evictions, out[4] bytes copied;
+// counts[e]: selections of expert e (n_expert entries).
 ROTARY_API int rotary_sched_layer_stats(int layer, uint64_t * out, uint64_t * counts, int n_expert);
 // Process-wide: out[0] graph_compute calls, out[1] expert matmuls split between device and host,
-// out[2] device bytes held (slots and scratch).
+// out[2] device bytes held (slots, scratch, staging), out[3] nanoseconds commits waited for copies,
+// out[4] commits that had copies to wait for.
 ROTARY_API void rotary_sched_stats(uint64_t * out);
 ROTARY_API void rotary_sched_reset_stats(void);
 

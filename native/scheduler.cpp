@@ -7,9 +7,10 @@
 
 namespace rotary {
 
+// Never destroyed: the copier's thread and the backends live until the process ends.
 Scheduler & scheduler() {
-    static Scheduler instance;
-    return instance;
+    static Scheduler * instance = new Scheduler;
+    return *instance;
 }
 
 bool is_routed_expert(const char * name) {
@@ -84,6 +85,7 @@ void Worker::finish(ggml_tensor * node, const Pairs & pairs) {
 }
 
 void Scheduler::reset() {
+    commit();
     for (auto & entry : layers) {
         ggml_backend_buffer_free(entry.second.buffer);
         if (entry.second.ctx) {
@@ -138,6 +140,9 @@ void Scheduler::count(const ggml_tensor * ids, Layer & layer) {
                 continue;
             }
             layer.counts[e]++;
+            if (recording) {
+                layer.routing.push_back(e);
+            }
             if (layer.slot_of_expert[e] >= 0) {
                 layer.device_pairs++;
             } else {
@@ -181,8 +186,36 @@ bool Scheduler::compute_expert_matmul(ggml_tensor * node, int tensor_index) {
     return host_done;
 }
 
+// Bench only: the next ids of the layer's replayed trace replace the router's choice (written into the
+// split's own copy of the ids, so every expert node of the block sees them).
+void Scheduler::replay(ggml_tensor * ids, Layer & layer) {
+    for (int64_t t = 0; t < ids->ne[1]; t++) {
+        for (int64_t s = 0; s < ids->ne[0]; s++) {
+            *(int32_t *) ((char *) ids->data + t * ids->nb[1] + s * ids->nb[0]) = layer.replay[layer.replay_cursor];
+            layer.replay_cursor = (layer.replay_cursor + 1) % layer.replay.size();
+        }
+    }
+    layer.replay_call = compute_serial;
+}
+
+// Wait for the admitted experts' copies and put them in the slot tables.
+void Scheduler::commit() {
+    if (!registered) {
+        return;
+    }
+    stall_ns += copier.wait();
+    for (const CopyJob & job : pending) {
+        Layer & layer = layers.at(job.layer);
+        layer.slot_of_expert[job.expert] = job.slot;
+        layer.expert_in_slot[job.slot] = job.expert;
+        layer.n_resident++;
+    }
+    commits += pending.empty() ? 0 : 1;
+    pending.clear();
+}
+
 size_t Scheduler::device_bytes() const {
-    size_t total = device.scratch_bytes();
+    size_t total = device.scratch_bytes() + copier.staging_bytes();
     for (const auto & entry : layers) {
         total += entry.second.buffer ? ggml_backend_buffer_get_size(entry.second.buffer) : 0;
     }

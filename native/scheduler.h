@@ -7,8 +7,11 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 
+#include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <mutex>
+#include <thread>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -45,6 +48,43 @@ struct Layer {
     ggml_backend_buffer_t buffer = nullptr;
     std::vector<uint64_t> counts;         // selections per expert
     uint64_t device_pairs = 0, host_pairs = 0;
+    uint64_t admissions = 0, evictions = 0, bytes_copied = 0;
+    uint64_t slot_bytes = 0;              // one expert of every tensor of the layer
+    std::vector<int32_t> routing;         // ids seen since the last take (when recording)
+    std::vector<int32_t> replay;          // ids substituted for the router's (bench only)
+    size_t replay_cursor = 0;
+    uint64_t replay_call = 0;             // the graph_compute call that last substituted
+};
+
+// One expert block to bring into a slot, in the background.
+struct CopyJob {
+    int layer;
+    int32_t expert;
+    int32_t slot;
+};
+
+// Copies admitted experts from the file mapping into their slots on a thread of its own, through pinned
+// staging memory and the device's asynchronous copy on a backend (stream) of its own, so that the copies
+// overlap the model's compute; wait() returns once every submitted copy has landed.
+class Copier {
+  public:
+    void start(ggml_backend_t backend, ggml_backend_buffer_type_t staging_type);
+    void stop();
+    void submit(const CopyJob & job);
+    uint64_t wait();  // nanoseconds spent waiting
+    size_t staging_bytes() const;
+
+  private:
+    void run();
+    void copy(const std::vector<CopyJob> & jobs);
+    std::thread thread_;
+    std::mutex mutex_;
+    std::condition_variable wake_, done_;
+    std::vector<CopyJob> queue_;
+    bool busy_ = false, quit_ = false;
+    ggml_backend_t backend_ = nullptr;
+    ggml_backend_buffer_type_t staging_type_ = nullptr;
+    ggml_backend_buffer_t staging_ = nullptr;
 };
 
 // (token, expert) pairs of one MUL_MAT_ID: row `slot` of token `token`, computed with matrix `id`.
@@ -80,6 +120,10 @@ struct Scheduler {
     std::string description;
     ggml_backend_dev_t cpu_dev = nullptr, slot_dev = nullptr;
     Worker device, host;
+    Copier copier;
+    std::vector<CopyJob> pending;  // admitted, copying: enter the slot table at the next commit
+    bool recording = false;
+    uint64_t stall_ns = 0, commits = 0;
     void (*set_cpu_threads)(ggml_backend_t, int) = nullptr;
     int max_batch = 0;
 
@@ -89,12 +133,15 @@ struct Scheduler {
     std::map<int, Layer> layers;
     std::unordered_map<const ggml_tensor *, int> bound;  // llama.cpp weight -> tensors index, -1: foreign
     uint64_t graph_calls = 0, split_matmuls = 0;
+    uint64_t compute_serial = 0;  // graph_compute calls ever (never reset: marks replay substitutions)
 
     bool configured() const { return !tensors.empty(); }
     void reset();
     int bind(const ggml_tensor * weights);
     bool compute_expert_matmul(ggml_tensor * node, int tensor_index);
     void count(const ggml_tensor * ids, Layer & layer);
+    void replay(ggml_tensor * ids, Layer & layer);
+    void commit();
     size_t device_bytes() const;
 };
 

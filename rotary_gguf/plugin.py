@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 
@@ -24,6 +26,10 @@ _i32p = ctypes.POINTER(ctypes.c_int32)
 
 class PluginError(RotaryError):
     """The scheduler plugin is missing, was built for another llama-cpp-python, or refused a request."""
+
+
+def _int32s(values: list[int]) -> ctypes.Array:
+    return (ctypes.c_int32 * max(1, len(values)))(*values)
 
 
 def plugin_path() -> Path:
@@ -64,6 +70,9 @@ class LayerStats:
     layer: int
     device_pairs: int  # (token, expert) selections computed from a VRAM slot
     host_pairs: int  # ... computed on the CPU from host memory
+    admissions: int  # experts copied into a slot by rotation
+    evictions: int  # ... that replaced a resident expert
+    bytes_copied: int
     counts: tuple[int, ...]  # selections per expert
 
     @property
@@ -110,6 +119,16 @@ class Plugin:
             ("rotary_sched_stats", None, [_u64p]),
             # void rotary_sched_reset_stats(void);
             ("rotary_sched_reset_stats", None, []),
+            # int rotary_sched_admit(int layer, const int32_t * experts, const int32_t * slots, int n);
+            ("rotary_sched_admit", ctypes.c_int, [ctypes.c_int, _i32p, _i32p, ctypes.c_int]),
+            # void rotary_sched_commit(void);
+            ("rotary_sched_commit", None, []),
+            # void rotary_sched_set_recording(int on);
+            ("rotary_sched_set_recording", None, [ctypes.c_int]),
+            # int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity);
+            ("rotary_sched_take_routing", ctypes.c_int64, [ctypes.c_int, _i32p, ctypes.c_int64]),
+            # int rotary_sched_set_replay(int layer, const int32_t * ids, int64_t n);
+            ("rotary_sched_set_replay", ctypes.c_int, [ctypes.c_int, _i32p, ctypes.c_int64]),
         ):
             try:
                 fn = getattr(lib, name)
@@ -164,48 +183,45 @@ class Plugin:
 
     def set_resident(self, layer: int, experts: list[int]) -> None:
         """Make these experts the layer's residents, in slot order (copies their blocks to the device)."""
-        array = (ctypes.c_int32 * max(1, len(experts)))(*experts)
-        self._check(self._lib.rotary_sched_set_resident(layer, array, len(experts)))
+        self._check(self._lib.rotary_sched_set_resident(layer, _int32s(experts), len(experts)))
 
     def layer_stats(self, layer: int) -> LayerStats:
         n_expert = self._n_expert[layer]
-        out, counts = (ctypes.c_uint64 * 2)(), (ctypes.c_uint64 * n_expert)()
+        out, counts = (ctypes.c_uint64 * 5)(), (ctypes.c_uint64 * n_expert)()
         self._check(self._lib.rotary_sched_layer_stats(layer, out, counts, n_expert))
-        return LayerStats(layer, out[0], out[1], tuple(counts))
+        return LayerStats(layer, *out, tuple(counts))
 
     def stats(self) -> dict[str, int]:
-        """Process-wide counters: graph_compute calls, split expert matmuls, device bytes held."""
-        out = (ctypes.c_uint64 * 3)()
+        """Process-wide counters: graph_compute calls, split expert matmuls, device bytes held, nanoseconds
+        commits waited for copies (copy stalls) and commits that had copies pending."""
+        out = (ctypes.c_uint64 * 5)()
         self._lib.rotary_sched_stats(out)
-        return {"graph_calls": out[0], "split_matmuls": out[1], "device_bytes": out[2]}
+        return dict(zip(("graph_calls", "split_matmuls", "device_bytes", "stall_ns", "commits"), out, strict=True))
+
+    def admit(self, layer: int, experts: list[int], slots: list[int]) -> None:
+        """Start copying experts into slots (their previous experts leave the slot table now)."""
+        if experts:
+            self._check(self._lib.rotary_sched_admit(layer, _int32s(experts), _int32s(slots), len(experts)))
+
+    def commit(self) -> None:
+        """Wait for running copies and put their experts in the slot tables."""
+        self._lib.rotary_sched_commit()
+
+    def set_recording(self, on: bool) -> None:
+        self._lib.rotary_sched_set_recording(int(on))
+
+    def take_routing(self, layer: int) -> np.ndarray:
+        """The expert ids the layer saw since the last take (token-major), while recording."""
+        n = self._check(self._lib.rotary_sched_take_routing(layer, None, 0))
+        out = np.empty(n, dtype=np.int32)
+        self._check(self._lib.rotary_sched_take_routing(layer, out.ctypes.data_as(_i32p), n))
+        return out
+
+    def set_replay(self, layer: int, ids: np.ndarray) -> None:
+        """Bench only: the layer computes these ids (cycled) instead of the router's."""
+        ids = np.ascontiguousarray(ids, dtype=np.int32)
+        self._check(self._lib.rotary_sched_set_replay(layer, ids.ctypes.data_as(_i32p), len(ids)))
 
     def reset_stats(self) -> None:
         self._lib.rotary_sched_reset_stats()
 
-
-class Residency:
-    """Which experts sit in a loaded model's slots. Before the first token of a request, each layer's slots
-    take the experts the request's prompt selected most (counted by the plugin while it computed the prompt);
-    experts already resident win ties (so slots the prompt does not need keep what they held)."""
-
-    def __init__(self, plugin: Plugin, slots: dict[int, int]) -> None:
-        self.plugin, self.slots = plugin, {layer: n for layer, n in slots.items() if n > 0}
-        self.resident: dict[int, list[int]] = {layer: [] for layer in self.slots}
-
-    def before_prompt(self) -> None:
-        self.plugin.reset_stats()
-
-    def after_prompt(self) -> None:
-        """Seed the slots from the prompt's routing, then start counting the decode afresh."""
-        for layer, n_slots in self.slots.items():
-            counts = self.plugin.layer_stats(layer).counts
-            if not any(counts):
-                continue  # the prompt went to llama.cpp's own offload: keep what is resident
-            before = set(self.resident[layer])
-            chosen = sorted(range(len(counts)), key=lambda e: (-counts[e], e not in before, e))[:n_slots]
-            self.plugin.set_resident(layer, chosen)
-            self.resident[layer] = chosen
-        self.plugin.reset_stats()
-
-    def layer_stats(self) -> list[LayerStats]:
-        return [self.plugin.layer_stats(layer) for layer in self.plugin.layers]

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from rotary_gguf.errors import RotaryError
+from rotary_gguf.rotation import DEFAULT_POLICY, POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Profile:
     host_ram_gbs: float
     pcie_gbs: float
     gpu_overhead_bytes: int  # CUDA context, cuBLAS workspace and pools, beyond llama.cpp's buffers
+    rotation_policy: str = DEFAULT_POLICY  # the rotary scheduler's slot policy (rotation.POLICIES)
 
     @property
     def has_gpu(self) -> bool:
@@ -114,7 +116,7 @@ def _patterns(v: Any) -> tuple[str, ...]:
 _TOP = {"description": (True, _text), "gpu": (True, None), "vram_budget": (True, None), "ctx": (True, _positive_int),
         "kv_cache_type": (False, _kv_type), "batch": (False, _positive_int), "ubatch": (False, _positive_int),
         "threads": (False, _threads), "flash_attention": (False, _bool), "bandwidth": (True, None),
-        "gpu_overhead": (False, None)}
+        "gpu_overhead": (False, None), "rotation_policy": (False, None)}
 _GPU = {"match": (True, _patterns), "vram_total": (True, None)}
 _BANDWIDTH = {"gpu_memory_gbs": (True, _non_negative_number), "host_ram_gbs": (True, _non_negative_number),
               "pcie_gbs": (True, _non_negative_number)}
@@ -181,8 +183,15 @@ def profile_from_dict(name: str, data: Any, source: str) -> Profile:
         ctx=top["ctx"], kv_cache_type=top.get("kv_cache_type", "f16"), batch=batch, ubatch=ubatch,
         threads=top.get("threads"), flash_attention=top.get("flash_attention", True),
         gpu_memory_gbs=bw["gpu_memory_gbs"], host_ram_gbs=bw["host_ram_gbs"], pcie_gbs=bw["pcie_gbs"],
-        gpu_overhead_bytes=overhead if vram_total else 0,
+        gpu_overhead_bytes=overhead if vram_total else 0, rotation_policy=_policy(source, top),
     )
+
+
+def _policy(source: str, top: dict[str, Any]) -> str:
+    policy = top.get("rotation_policy", DEFAULT_POLICY)
+    if policy not in POLICIES:
+        raise ProfileError(f"{source}: key 'rotation_policy': {policy!r} is not one of {', '.join(POLICIES)}")
+    return policy
 
 
 def _load_file(path: Path, name: str) -> Profile:

@@ -26,6 +26,7 @@ from rotary_gguf.errors import RotaryError, RuntimeLoadError
 from rotary_gguf.gguf import open_index
 from rotary_gguf.plan import ROTARY_MAX_BATCH_GPU, Placement
 from rotary_gguf.profile import Profile
+from rotary_gguf.rotation import LayerShape, Rotation
 
 log = logging.getLogger(__name__)
 llama_log = logging.getLogger("llama.cpp")
@@ -175,9 +176,9 @@ def rotary_unavailable() -> str | None:
     return None
 
 
-def _attach_scheduler(path: Path, placement: Placement | None) -> rotary_plugin.Residency | None:
-    """Before a load: configure the plugin for a rotary placement (slots allocated, empty), or make a
-    registered plugin claim nothing for any other placement."""
+def _attach_scheduler(path: Path, placement: Placement | None, rotation: dict[str, Any]) -> Rotation | None:
+    """Before a load: configure the plugin for a rotary placement (slots allocated, empty) and set up its
+    rotation, or make a registered plugin claim nothing for any other placement."""
     if placement is None or placement.strategy != "rotary":
         if isinstance(_state.get("plugin"), rotary_plugin.Plugin):
             _state["plugin"].reset()
@@ -185,9 +186,11 @@ def _attach_scheduler(path: Path, placement: Placement | None) -> rotary_plugin.
     plugin = scheduler_plugin()
     max_batch = int(os.environ.get("ROTARY_SCHED_MAX_BATCH", "0") or 0) or (
         ROTARY_MAX_BATCH_GPU if rotary_device() == "gpu" else 0)
-    plugin.configure(open_index(path), max_batch=max_batch)
-    slots = {layer: plugin.set_slots(layer, n) for layer, n in placement.expert_slots}
-    return rotary_plugin.Residency(plugin, slots)
+    index = open_index(path)
+    plugin.configure(index, max_batch=max_batch)
+    layers = {layer: LayerShape(plugin.n_expert(layer), index.params.n_expert_used, plugin.set_slots(layer, n),
+                                index.slot_bytes(layer)) for layer, n in placement.expert_slots}
+    return Rotation(plugin, layers, **rotation)
 
 
 class _Override(ctypes.Structure):
@@ -259,7 +262,7 @@ class LoadedModel:
     load_seconds: float
     rss_before_load: int
     log_lines: tuple[str, ...] = field(default=(), repr=False)  # llama.cpp's log of this load
-    residency: rotary_plugin.Residency | None = None  # the rotary scheduler's slots (rotary placement)
+    residency: Rotation | None = None  # the rotary scheduler's slots and their rotation (rotary placement)
     _keepalive: Any = field(default=None, repr=False)
 
     def buffer_bytes(self, *, host: bool | None = None, kind: str | None = None) -> int:
@@ -292,18 +295,20 @@ def rss_bytes() -> int:
 
 def load(path: str | os.PathLike[str], placement: Placement | None = None, *, n_ctx: int = 512,
          n_threads: int | None = None, n_batch: int = 512, n_ubatch: int = 512, flash_attn: bool = False,
-         kv_cache_type: str = "f16", seed: int = 0, repack: bool = False) -> LoadedModel:
+         kv_cache_type: str = "f16", seed: int = 0, repack: bool = False,
+         rotation: dict[str, Any] | None = None) -> LoadedModel:
     """Load a GGUF with the placement's overrides and GPU layers (no placement: llama.cpp's defaults, CPU).
 
     Host-resident experts stay zero-copy in the mmap unless `repack=True`, which lets llama.cpp copy them
-    into its CPU repacking buffers (more RAM; faster CPU matmuls for some types).
+    into its CPU repacking buffers (more RAM; faster CPU matmuls for some types). `rotation` holds the
+    keyword arguments of rotation.Rotation for a rotary placement (policy, pcie_gbs, budget_bytes, ...).
     """
     llama_cpp = _llama_cpp()
     path = Path(path)
     threads = n_threads or default_threads()
     overrides = _override_array(placement) if placement else None
     gpu = gpu_device_name()
-    residency = _attach_scheduler(path, placement)
+    residency = _attach_scheduler(path, placement, rotation or {})
     rss = rss_bytes()
     started = time.perf_counter()
     with _state["log"].capture() as lines, _llama_construction(overrides, repack):
@@ -343,6 +348,13 @@ def context_options(placement: Placement, profile: Profile, *, threads: int | No
     return dict(n_ctx=placement.ctx, n_threads=threads or profile.threads, n_batch=profile.batch,
                 n_ubatch=profile.ubatch, flash_attn=profile.flash_attention, kv_cache_type=profile.kv_cache_type,
                 repack=repack)
+
+
+def rotation_options(profile: Profile, *, policy: str | None = None, budget_bytes: int | None = None,
+                     trace: Any = None, rotate: bool = True) -> dict[str, Any]:
+    """load()'s `rotation` argument for a profile: its policy and PCIe bandwidth, unless overridden."""
+    return dict(policy=policy or profile.rotation_policy, pcie_gbs=profile.pcie_gbs, budget_bytes=budget_bytes,
+                trace=trace, rotate=rotate)
 
 
 def dry_run(path: str | os.PathLike[str], placement: Placement, *, n_ctx: int, n_threads: int | None = None,
@@ -412,7 +424,7 @@ class Generation:
 
 def generate(llm: Any, prompt: str, max_tokens: int, *, temp: float = 0.0, seed: int = 0,
              stream: Any = None, keep_state: bool = False,
-             residency: rotary_plugin.Residency | None = None) -> Generation:
+             residency: Rotation | None = None) -> Generation:
     """Decode up to max_tokens after prompt (greedy at temp 0), stopping at an end-of-generation token.
 
     `stream(text)` receives text pieces as they are decoded (whole UTF-8 characters only).
@@ -435,7 +447,7 @@ def _common_prefix(a: list[int], b: Any) -> int:
 
 def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: float = 0.0, seed: int = 0,
                  stream: Any = None, keep_state: bool = False, ignore_eos: bool = False,
-                 residency: rotary_plugin.Residency | None = None) -> Generation:
+                 residency: Rotation | None = None) -> Generation:
     """generate() from token ids; `ignore_eos=True` always decodes max_tokens (benchmarks)."""
     llama_cpp = _llama_cpp()
     n_ctx = context_size(llm)
@@ -480,6 +492,8 @@ def generate_ids(llm: Any, prompt_ids: list[int], max_tokens: int, *, temp: floa
                 if text:
                     stream(text)
             llm.eval([token])
+            if residency:
+                residency.after_token()
     except KeyboardInterrupt:
         if stream is None:
             raise

@@ -147,8 +147,8 @@ def test_prompt_seeds_slots_with_its_most_used_experts(stand_in, wide_arch_model
     path = wide_arch_models[("qwen3moe", "q8_0")]
     expected = _eval_callback_counts(path, PROMPT)
     model = _load(path, "rotary", 3)
-    runtime.generate_ids(model.llm, PROMPT, 4, ignore_eos=True, residency=model.residency)
-    for layer, resident in model.residency.resident.items():
+    runtime.generate_ids(model.llm, PROMPT, 0, residency=model.residency)  # the prompt only: no rotation yet
+    for layer, resident in model.residency.rotator.expert_in.items():
         n_expert = model.residency.plugin.n_expert(layer)
         top = sorted((expected[layer][e] for e in range(n_expert)), reverse=True)[:3]
         assert sorted((expected[layer][e] for e in resident), reverse=True) == top

@@ -12,6 +12,7 @@ import click
 from rotary_gguf.cli import Failure, LazyBar, main
 from rotary_gguf.plan import LAYER_ORDERS, STRATEGIES
 from rotary_gguf.report import format_bench, format_dry_run, format_placement, format_profile, format_telemetry
+from rotary_gguf.rotation import POLICIES
 
 
 def _placement_options(func):
@@ -281,11 +282,28 @@ def _chat_loop(session, placement) -> None:
               help="Run one placement only [default: all; rotary where the scheduler plugin can run].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--tokens", "decode_tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--policy", type=click.Choice(POLICIES), default=None,
+              help="Rotary: the slot rotation policy [default: the profile's].")
+@click.option("--copy-budget", default=None,
+              help="Rotary: bytes rotation may copy per token [default: from the profile's PCIe bandwidth].")
+@click.option("--trace", "trace_out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Rotary: write the routing the scheduler saw to this trace file.")
+@click.option("--replay", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Rotary, benchmarks only: compute the experts of this trace instead of the router's "
+                   "(outputs are then not the model's; the results say so).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, threads: int | None,
-          repack: bool, only: str | None, prompt_tokens: int, decode_tokens: int, as_json: bool) -> None:
+          repack: bool, only: str | None, prompt_tokens: int, decode_tokens: int, policy: str | None,
+          copy_budget: str | None, trace_out: Path | None, replay: Path | None, as_json: bool) -> None:
     """Prompt and decode tok/s, peak VRAM and host RSS of each placement, in this process."""
-    from rotary_gguf.bench import run_bench
+    from rotary_gguf.bench import RotaryOptions, run_bench
+    from rotary_gguf.profile import parse_size
+
+    try:
+        budget_bytes = parse_size(copy_budget, "--copy-budget") if copy_budget is not None else None
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+    rotary = RotaryOptions(policy, budget_bytes, trace_out, replay)
 
     index, profile, budget = _setup(model, profile_name, vram_budget)
     skipped = {}
@@ -301,7 +319,7 @@ def bench(model: Path, profile_name: str, vram_budget: str | None, ctx: int | No
     try:
         result = run_bench(model, index, profile, strategies=strategies, vram_budget=budget, ctx=ctx,
                            prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
-                           repack=repack, skipped=skipped,
+                           repack=repack, skipped=skipped, rotary=rotary,
                            progress=lambda done, name: bar(done, len(strategies), name))
         bar(len(strategies), len(strategies), "done")
     finally:
