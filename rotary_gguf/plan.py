@@ -167,11 +167,13 @@ def _check_fits(fixed: tuple[int, int, int, int], budget: int, index: ModelIndex
 
 
 def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "layer-fill",
-                   vram_budget: int | None = None, ctx: int | None = None, layer_order: str = "first") -> Placement:
+                   vram_budget: int | None = None, ctx: int | None = None, layer_order: str = "first",
+                   max_expert_layers: int | None = None) -> Placement:
     """Place `index` under `profile` (budget and context from the profile unless given).
 
     layer-fill: whole layers of experts go to VRAM while they fit, in `layer_order` ("first": layers
-    0, 1, ... get VRAM and the last layers stay on the CPU; "last": the reverse, llama.cpp's --n-cpu-moe).
+    0, 1, ... get VRAM and the last layers stay on the CPU; "last": the reverse, llama.cpp's --n-cpu-moe);
+    at most max_expert_layers of them when given (llama.cpp's --n-cpu-moe values below the fitting one).
     experts-on-host: every routed expert stays in the mmap (llama.cpp's --cpu-moe).
     rotary: every routed expert stays in the mmap, and the VRAM left over holds per-layer expert slots
     that the scheduler plugin serves expert reads from (the same number in every layer, one more in the
@@ -218,7 +220,7 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
         order = list(index.moe_layers) if layer_order == "first" else list(reversed(index.moe_layers))
         for layer in order:
             size = _bytes_in_layer(index, layer, _HOST_CLASSES)
-            if size > room:
+            if size > room or len(gpu_layers) == max_expert_layers:
                 break
             gpu_layers.append(layer)
             room -= size

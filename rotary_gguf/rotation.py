@@ -211,16 +211,18 @@ class Rotator:
             self.busy[layer][slot] = False
         self.pending = []
 
-    def _candidates(self, routing: dict[int, np.ndarray]) -> list[tuple[float, int, int, int]]:
-        """(priority, fairness, layer, expert) of each missed expert that has a slot to go to."""
+    def _candidates(self, routing: dict[int, np.ndarray],
+                    priorities: dict[int, np.ndarray]) -> list[tuple[float, int, int, int]]:
+        """(-priority, fairness, layer, expert) of each missed expert of a layer with slots, best first."""
         found = []
         n_layers = max(1, len(self.layers))
         for rank, (layer, ids) in enumerate(sorted(routing.items())):
             if self.layers[layer].n_slots == 0:
                 continue
-            priority = self.policy.priority(layer, self.step)
-            for expert in np.unique(ids[self.slot_of[layer][ids] < 0]):
-                found.append((-float(priority[expert]), (rank - self.step) % n_layers, layer, int(expert)))
+            priority = priorities[layer] = self.policy.priority(layer, self.step)
+            missed = np.unique(ids[self.slot_of[layer][ids] < 0])
+            fairness = (rank - self.step) % n_layers
+            found += [(-float(priority[e]), fairness, layer, int(e)) for e in missed]
         found.sort()
         return found
 
@@ -228,12 +230,15 @@ class Rotator:
         budget = self.budget()
         copied = 0
         admitted: dict[int, tuple[list[int], list[int]]] = {}
-        for neg_priority, _, layer, expert in self._candidates(routing):
+        priorities: dict[int, np.ndarray] = {}
+        closed: set[int] = set()  # layers whose least valued resident outranks their remaining candidates
+        for neg_priority, _, layer, expert in self._candidates(routing, priorities):
             shape = self.layers[layer]
-            if budget is not None and copied + shape.slot_bytes > budget:
+            if layer in closed or (budget is not None and copied + shape.slot_bytes > budget):
                 continue
-            slot = self._victim_slot(layer, -neg_priority)
+            slot = self._victim_slot(layer, -neg_priority, priorities[layer])
             if slot is None:
+                closed.add(layer)
                 continue
             victim = int(self.expert_in[layer][slot])
             if victim >= 0:
@@ -252,7 +257,7 @@ class Rotator:
             self.backend.admit(layer, experts, slots)
         self.copied_per_token.append(copied)
 
-    def _victim_slot(self, layer: int, candidate_priority: float) -> int | None:
+    def _victim_slot(self, layer: int, candidate_priority: float, priority: np.ndarray) -> int | None:
         """An empty slot, else the slot of the resident valued least if the candidate is worth more."""
         slots = self.expert_in[layer]
         free = np.flatnonzero((slots < 0) & ~self.busy[layer])
@@ -261,7 +266,7 @@ class Rotator:
         resident = slots >= 0
         if not resident.any():
             return None
-        values = np.where(resident, self.policy.priority(layer, self.step)[np.maximum(slots, 0)], np.inf)
+        values = np.where(resident, priority[np.maximum(slots, 0)], np.inf)
         slot = int(np.argmin(values))
         return slot if candidate_priority > values[slot] else None
 
