@@ -205,7 +205,10 @@ def _load_file(path: Path, name: str) -> Profile:
 
 
 def _packaged() -> dict[str, Any]:
-    folder = resources.files("rotary_gguf.profiles")
+    try:
+        folder: Any = resources.files("rotary_gguf.profiles")
+    except ModuleNotFoundError:  # run from a source checkout on PYTHONPATH, not installed
+        folder = Path(__file__).resolve().parents[1] / "profiles"
     return {p.name[: -len(".yaml")]: p for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 

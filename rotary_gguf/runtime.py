@@ -108,16 +108,21 @@ def library_dir() -> Path:
 
 
 def _ggml() -> ctypes.CDLL:
-    """libggml.so.0 and libggml-cpu.so.0 (the .so.0 copies libllama links: other copies are a second ggml)."""
+    """libggml.so.0 and libggml-cpu.so.0 as libllama loaded them: by bare soname, which the dynamic loader
+    answers with the copy already loaded (a copy loaded by another path would be a second ggml, with its
+    own backend registry); by path in library_dir() only if libllama has not loaded them."""
     if "ggml" not in _state:
+        _llama_cpp()  # loads libllama and, through it, its ggml
         folder = library_dir()
         libs = {}
         for name in ("libggml-base.so.0", "libggml.so.0", "libggml-cpu.so.0"):
-            path = folder / name
             try:
-                libs[name] = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-            except OSError as exc:
-                raise RuntimeLoadError(f"{path}: cannot load ggml library: {exc}") from None
+                libs[name] = ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL | os.RTLD_NOLOAD)
+            except OSError:
+                try:
+                    libs[name] = ctypes.CDLL(str(folder / name), mode=ctypes.RTLD_GLOBAL)
+                except OSError as exc:
+                    raise RuntimeLoadError(f"{folder / name}: cannot load ggml library: {exc}") from None
         ggml, cpu = libs["libggml.so.0"], libs["libggml-cpu.so.0"]
         for fn, restype, argtypes in (
             (ggml.ggml_backend_dev_by_type, ctypes.c_void_p, [ctypes.c_int]),

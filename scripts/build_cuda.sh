@@ -60,7 +60,8 @@ CUDACXX="$ROOT_ABS/bin/nvcc" cmake -S "$SRC" -B "$WORK/build" -G Ninja -DCMAKE_B
     -DCMAKE_CUDA_FLAGS="-I$ROOT_ABS/include" -DCMAKE_CXX_FLAGS="-I$ROOT_ABS/include" \
     -DGGML_CUDA_NO_VMM=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCHS" -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=ON \
     -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_MTMD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF > "$WORK/configure.log"
+    -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_MTMD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_CURL=OFF \
+    -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN' > "$WORK/configure.log"
 cmake --build "$WORK/build" --parallel "$(nproc)" --target llama ggml-cuda
 
 # 5. Collect, strip and pack: the .so.0 files (what libllama links) plus the names loaders ask for.

@@ -12,10 +12,13 @@ PY=.venv/bin/python
 [ -f build/cuda-bundle.tar.xz ] || { echo "make_gpu_kit.sh: run scripts/build_cuda.sh first" >&2; exit 2; }
 rm -rf "$KIT" && mkdir -p "$KIT/wheels"
 cp build/cuda-bundle.tar.xz "$KIT/"
-.venv/bin/rotary plugin build >/dev/null
+.venv/bin/rotary plugin build >/dev/null 2>&1
 cp rotary_gguf/lib/librotary_sched.so "$KIT/"
 SITE=$($PY -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))")
-rsync -a --exclude lib --exclude __pycache__ "$SITE/" "$KIT/llama_cpp/"
+$PY - "$SITE" "$KIT/llama_cpp" <<'PY'
+import shutil, sys
+shutil.copytree(sys.argv[1], sys.argv[2], ignore=shutil.ignore_patterns("lib", "__pycache__"))
+PY
 PURE="gguf==0.19.0 click jinja2 diskcache typing_extensions nvidia-ml-py psutil tqdm"
 $PY -m pip download --quiet --no-deps --only-binary :all: -d "$KIT/wheels" $PURE
 for version in 3.10 3.11 3.12; do
