@@ -6,6 +6,8 @@ Variants, all with every routed expert in host memory (llama.cpp's --cpu-moe) on
   repacked    llama.cpp copies the experts into its CPU repacking buffers (--repack)
   plugin-0    the rotary plugin claims the expert FFN with 0 slots (CPU stand-in device): pure overhead
   plugin-all  every expert resident in the stand-in's slots (the device path, run on a second CPU backend)
+  calibrating what `rotary calibrate` runs: plugin-0 with its per-layer counters read once per phase
+              (no per-token work; `--trace` adds taking each token's routing)
 Two models stay loaded (zero-copy and repacked); the plugin is configured or reset between runs (each run
 starts with a prompt batch, so llama.cpp rebuilds its graph and asks the plugin afresh which ops it
 takes). The order of the variants rotates every round so machine noise hits all alike. Prints decode
@@ -28,13 +30,14 @@ from rotary_gguf.demo import cached_synth_model
 from rotary_gguf.gguf import open_index
 from rotary_gguf.plan import plan_placement
 from rotary_gguf.profile import load_profile
+from rotary_gguf.rotation import LayerShape, Rotation
 
 os.environ["ROTARY_SCHED_DEVICE"] = "cpu"
 PROMPT = list(range(100, 164))
 
 
-def decode(llm, tokens: int) -> float:
-    return runtime.generate_ids(llm, PROMPT, tokens, ignore_eos=True).decode_tokens_per_second
+def decode(llm, tokens: int, residency=None) -> float:
+    return runtime.generate_ids(llm, PROMPT, tokens, ignore_eos=True, residency=residency).decode_tokens_per_second
 
 
 def main() -> None:
@@ -57,6 +60,15 @@ def main() -> None:
             plugin.set_resident(layer, list(range(plugin.set_slots(layer, slots))))
         return decode(zero_copy, args.tokens)
 
+    def calibrating() -> float:
+        """What `rotary calibrate` runs (without --trace): the plugin's counters, read once per phase."""
+        plugin.configure(index)
+        used = index.params.n_expert_used
+        layers = {layer: LayerShape(plugin.n_expert(layer), used, 0, 0) for layer in plugin.layers}
+        rate = decode(zero_copy, args.tokens, Rotation(plugin, layers, rotate=False))
+        [plugin.layer_stats(layer).counts for layer in plugin.layers]
+        return rate
+
     def without_plugin(llm) -> float:
         plugin.reset()
         return decode(llm, args.tokens)
@@ -66,6 +78,7 @@ def main() -> None:
         "repacked": lambda: without_plugin(repacked),
         "plugin-0": lambda: with_plugin(0),
         "plugin-all": lambda: with_plugin(index.params.n_expert),
+        "calibrating": calibrating,
     }
     names = list(variants)
     results: dict[str, list[float]] = {name: [] for name in names}

@@ -387,12 +387,14 @@ def _read(path: Path) -> _CheckedReader:
 
 
 def _metadata(reader: GGUFReader) -> dict[str, Any]:
-    """Scalar and short-array metadata values (long arrays such as the vocabulary are summarised)."""
+    """Scalar and short-array metadata values (long arrays such as the vocabulary are summarised; numeric
+    arrays up to 4096 entries, such as per-expert calibration counts, are kept)."""
     meta: dict[str, Any] = {}
     for key, fld in reader.fields.items():
         if key.startswith("GGUF.") or not fld.types:
             continue
-        if fld.types[0] == GGUFValueType.ARRAY and int(fld.parts[4][0]) > 256:
+        length = int(fld.parts[4][0]) if fld.types[0] == GGUFValueType.ARRAY else 0
+        if length > 4096 or length > 256 and fld.types[-1] == GGUFValueType.STRING:
             meta[key] = f"<array of {int(fld.parts[4][0])} {fld.types[-1].name.lower()}>"
             continue
         try:

@@ -67,6 +67,7 @@ class Placement:
     expert_slots: tuple[tuple[int, int], ...] = ()  # rotary: (layer, VRAM slots) for each MoE layer
     slot_bytes: int = 0  # rotary: VRAM of the slots and the plugin's scratch (invisible to llama.cpp)
     device_read_share: float = 0.0  # rotary: predicted share of expert reads served from VRAM
+    calibrated: bool = False  # rotary: that share comes from calibration popularity (else uniform routing)
 
     @property
     def predicted_vram_bytes(self) -> int:
@@ -93,7 +94,7 @@ class Placement:
             "cpu_expert_layers": [i for i in range(self.n_layer) if i not in self.gpu_expert_layers],
             "overrides": [{"pattern": o.pattern, "buffer": o.buffer} for o in self.overrides],
             "expert_slots": {str(layer): n for layer, n in self.expert_slots}, "slot_bytes": self.slot_bytes,
-            "predicted_device_read_share": round(self.device_read_share, 4),
+            "predicted_device_read_share": round(self.device_read_share, 4), "calibrated": self.calibrated,
         }
 
 
@@ -168,7 +169,7 @@ def _check_fits(fixed: tuple[int, int, int, int], budget: int, index: ModelIndex
 
 def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "layer-fill",
                    vram_budget: int | None = None, ctx: int | None = None, layer_order: str = "first",
-                   max_expert_layers: int | None = None) -> Placement:
+                   max_expert_layers: int | None = None, popularity: dict[int, Any] | None = None) -> Placement:
     """Place `index` under `profile` (budget and context from the profile unless given).
 
     layer-fill: whole layers of experts go to VRAM while they fit, in `layer_order` ("first": layers
@@ -177,7 +178,9 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     experts-on-host: every routed expert stays in the mmap (llama.cpp's --cpu-moe).
     rotary: every routed expert stays in the mmap, and the VRAM left over holds per-layer expert slots
     that the scheduler plugin serves expert reads from (the same number in every layer, one more in the
-    first layers while the remainder allows).
+    first layers while the remainder allows). `popularity` (per layer, each expert's share of selections
+    from calibration) makes the predicted share of reads served from VRAM that of the most popular
+    experts instead of uniform routing's.
     """
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown placement {strategy!r}; known: {', '.join(STRATEGIES)}")
@@ -213,7 +216,7 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     fixed = _fixed_vram(index, profile, ctx)
     _check_fits(fixed, budget, index, profile, ctx)
     if strategy == "rotary":
-        return _plan_rotary(index, budget, fixed, common, all_bytes, host_compute, all_experts_on_host)
+        return _plan_rotary(index, budget, fixed, common, all_bytes, host_compute, all_experts_on_host, popularity)
     gpu_layers = []
     if strategy == "layer-fill":
         room = budget - sum(fixed)
@@ -245,8 +248,22 @@ def rotary_scratch_bytes(index: ModelIndex) -> int:
     return ROTARY_MAX_BATCH_GPU * index.params.n_expert_used * widest * 4
 
 
+def _read_share(slots: dict[int, int], n_expert: dict[int, int], popularity: dict[int, Any] | None) -> float:
+    """Mean over layers of the share of expert reads the slots serve: the most popular experts' share when
+    popularity is known, else slots / experts (uniform routing)."""
+    shares = []
+    for layer, k in slots.items():
+        if layer in (popularity or {}):
+            p = sorted((float(x) for x in popularity[layer]), reverse=True)
+            shares.append(sum(p[:k]) / (sum(p) or 1.0))
+        elif n_expert.get(layer):
+            shares.append(k / n_expert[layer])
+    return sum(shares) / len(shares) if shares else 0.0
+
+
 def _plan_rotary(index: ModelIndex, budget: int, fixed: tuple[int, int, int, int], common: dict[str, Any],
-                 all_bytes: int, host_compute: int, overrides: tuple[Override, ...]) -> Placement:
+                 all_bytes: int, host_compute: int, overrides: tuple[Override, ...],
+                 popularity: dict[int, Any] | None) -> Placement:
     p = index.params
     scratch = rotary_scratch_bytes(index)
     per_layer = {layer: index.slot_bytes(layer) for layer in index.moe_layers}
@@ -261,13 +278,14 @@ def _plan_rotary(index: ModelIndex, budget: int, fixed: tuple[int, int, int, int
             slots[layer] += 1
             room -= size
     slot_bytes = sum(slots[layer] * size for layer, size in per_layer.items())
-    share = sum(slots[layer] / n_expert[layer] for layer in slots if n_expert.get(layer)) / max(1, len(slots))
+    share = _read_share(slots, n_expert, popularity)
     weights, kv, compute, overhead = fixed
     return Placement(**common, vram_budget_bytes=budget, n_gpu_layers=p.n_layer + 1, gpu_weight_bytes=weights,
                      kv_bytes=kv, compute_bytes=compute, overhead_bytes=overhead, gpu_expert_layers=(),
                      gpu_expert_bytes=0, host_weight_bytes=all_bytes - weights, host_compute_bytes=host_compute,
                      overrides=overrides, expert_slots=tuple(sorted(slots.items())),
-                     slot_bytes=slot_bytes + (scratch if slot_bytes else 0), device_read_share=share)
+                     slot_bytes=slot_bytes + (scratch if slot_bytes else 0), device_read_share=share,
+                     calibrated=bool(popularity))
 
 
 def _plan_dense(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> Placement:

@@ -79,7 +79,8 @@ def _expert_vram_line(p) -> str:
     counts = sorted({n for _, n in p.expert_slots}) or [0]
     per_layer = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
     return (f"  expert slots {format_bytes(p.slot_bytes):>12}  {per_layer} per layer (rotary scheduler); "
-            f"~{p.device_read_share:.0%} of expert reads from VRAM if routing were uniform")
+            f"~{p.device_read_share:.0%} of expert reads from VRAM "
+            + ("(calibration popularity)" if p.calibrated else "(uniform routing; calibrate for better)"))
 
 
 def format_placement(index: ModelIndex, placement, profile, estimate: float) -> str:

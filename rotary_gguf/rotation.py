@@ -184,12 +184,15 @@ class Rotator:
             counts = np.bincount(ids, minlength=shape.n_expert)
             resident = self.slot_of[layer] >= 0
             order = np.lexsort((np.arange(shape.n_expert), ~resident, -counts))
-            chosen = [int(e) for e in order[: shape.n_slots]]
-            self.backend.set_resident(layer, chosen)
-            self.slot_of[layer][:] = -1
-            self.slot_of[layer][chosen] = np.arange(len(chosen))
-            self.expert_in[layer][:] = -1
-            self.expert_in[layer][: len(chosen)] = chosen
+            self.set_resident(layer, [int(e) for e in order[: shape.n_slots]])
+
+    def set_resident(self, layer: int, chosen: list[int]) -> None:
+        """Fill a layer's slots with these experts, in slot order (a synchronous copy)."""
+        self.backend.set_resident(layer, chosen)
+        self.slot_of[layer][:] = -1
+        self.slot_of[layer][chosen] = np.arange(len(chosen))
+        self.expert_in[layer][:] = -1
+        self.expert_in[layer][: len(chosen)] = chosen
 
     def after_token(self, routing: dict[int, np.ndarray]) -> None:
         """Count the token's hits, commit the previous token's copies, admit this token's misses."""
@@ -328,13 +331,17 @@ class Rotation:
 
     def __init__(self, plugin, layers: dict[int, LayerShape], policy: str = DEFAULT_POLICY, *,
                  pcie_gbs: float = 0.0, budget_bytes: int | None = None, prior: dict[int, np.ndarray] | None = None,
-                 rotate: bool = True, trace=None, replay=None) -> None:
+                 rotate: bool = True, trace=None, replay=None,
+                 observer: Callable[[str, dict[int, np.ndarray]], None] | None = None) -> None:
         self.plugin, self.layers, self.trace, self.rotate, self.replay = plugin, layers, trace, rotate, replay
+        self.observer = observer  # sees every step's routing ("prompt" or "decode")
+        # The plugin keeps every step's routing for us only when something reads it.
+        self.recording = bool(rotate or trace or observer or any(s.n_slots for s in layers.values()))
         self.fixed_budget, self.pcie_gbs = budget_bytes, pcie_gbs
         self.token_seconds: float | None = None
         self._last = 0.0
         self.rotator = Rotator(layers, make_policy(policy, layers, prior), self.budget, PluginSlots(plugin))
-        plugin.set_recording(True)
+        plugin.set_recording(self.recording)
         if replay is not None:
             for layer, ids in replay_ids(replay, layers).items():
                 plugin.set_replay(layer, ids)
@@ -350,8 +357,21 @@ class Rotation:
             return None
         return int(COPY_BUDGET_SHARE * self.pcie_gbs * 1e9 * self.token_seconds)
 
+    def seed_from_popularity(self, popularity: dict[int, np.ndarray]) -> None:
+        """Before any request: each layer's slots take its most popular experts over the calibration set."""
+        for layer, shape in self.layers.items():
+            if shape.n_slots and layer in popularity:
+                chosen = [int(e) for e in np.argsort(-np.asarray(popularity[layer]), kind="stable")[: shape.n_slots]]
+                self.rotator.set_resident(layer, chosen)
+
+    def _record(self, phase: str, routing: dict[int, np.ndarray]) -> None:
+        if self.trace:
+            self.trace.write_step(phase, routing)
+        if self.observer:
+            self.observer(phase, routing)
+
     def _take(self) -> dict[int, np.ndarray]:
-        return {layer: self.plugin.take_routing(layer) for layer in self.layers}
+        return {layer: self.plugin.take_routing(layer) for layer in self.layers} if self.recording else {}
 
     def before_prompt(self) -> None:
         self.plugin.commit()
@@ -360,8 +380,7 @@ class Rotation:
 
     def after_prompt(self) -> None:
         routing = self._take()
-        if self.trace:
-            self.trace.write_step("prompt", routing)
+        self._record("prompt", routing)
         self.rotator.after_prompt(routing)
         self.plugin.reset_stats()
         self.rotator.counters = {layer: LayerCounters() for layer in self.layers}
@@ -372,8 +391,7 @@ class Rotation:
         elapsed = now - self._last
         self.token_seconds = elapsed if self.token_seconds is None else 0.8 * self.token_seconds + 0.2 * elapsed
         routing = self._take()
-        if self.trace:
-            self.trace.write_step("decode", routing)
+        self._record("decode", routing)
         if self.rotate:
             self.rotator.after_token(routing)
         self._last = time.perf_counter()

@@ -29,6 +29,7 @@ from rotary_gguf.profile import Profile
 from rotary_gguf.rotation import LayerShape, Rotation
 
 log = logging.getLogger(__name__)
+PluginError = rotary_plugin.PluginError
 llama_log = logging.getLogger("llama.cpp")
 
 GPU_DEVICE, CPU_DEVICE = 1, 0  # enum ggml_backend_dev_type
@@ -150,10 +151,11 @@ def rotary_device() -> str | None:
     return "gpu" if gpu_device_name() else None
 
 
-def scheduler_plugin() -> rotary_plugin.Plugin:
+def scheduler_plugin(device_fallback: str | None = None) -> rotary_plugin.Plugin:
     """The scheduler plugin, loaded, checked against this llama-cpp-python and registered as a ggml device
-    once per process (a failure to load is remembered: PluginError with the same reason every time)."""
-    device = rotary_device()
+    once per process (a failure to load is remembered: PluginError with the same reason every time).
+    device_fallback ("cpu") serves callers that only count routing, where no GPU is needed."""
+    device = rotary_device() or device_fallback
     if device is None:
         raise rotary_plugin.PluginError(
             "rotary needs a GPU and this llama.cpp build has none (ROTARY_SCHED_DEVICE=cpu runs the scheduler "
@@ -188,14 +190,27 @@ def _attach_scheduler(path: Path, placement: Placement | None, rotation: dict[st
         if isinstance(_state.get("plugin"), rotary_plugin.Plugin):
             _state["plugin"].reset()
         return None
-    plugin = scheduler_plugin()
-    max_batch = int(os.environ.get("ROTARY_SCHED_MAX_BATCH", "0") or 0) or (
-        ROTARY_MAX_BATCH_GPU if rotary_device() == "gpu" else 0)
+    rotation = dict(rotation)
+    plugin = scheduler_plugin(rotation.pop("device_fallback", None))
+    max_batch = rotation.pop("max_batch", None)  # None: the default; <= 0: every batch
+    if max_batch is None:
+        max_batch = int(os.environ.get("ROTARY_SCHED_MAX_BATCH", "0") or 0) or (
+            ROTARY_MAX_BATCH_GPU if rotary_device() == "gpu" else 0)
     index = open_index(path)
     plugin.configure(index, max_batch=max_batch)
     layers = {layer: LayerShape(plugin.n_expert(layer), index.params.n_expert_used, plugin.set_slots(layer, n),
                                 index.slot_bytes(layer)) for layer, n in placement.expert_slots}
-    return Rotation(plugin, layers, **rotation)
+    from rotary_gguf.embed import load_calibration  # the calibration module itself runs models through here
+
+    calibration, source = load_calibration(index)
+    if calibration is None and "stale" in source:
+        log.warning("%s", source)
+    popularity = calibration.popularity() if calibration else None
+    rotation.setdefault("prior", popularity)
+    state = Rotation(plugin, layers, **rotation)
+    if popularity:
+        state.seed_from_popularity(popularity)
+    return state
 
 
 class _Override(ctypes.Structure):

@@ -60,4 +60,4 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
-from rotary_gguf.cli import model, plugin, rotation, run  # noqa: E402,F401  (they register their commands on main)
+from rotary_gguf.cli import calibrate, model, plugin, rotation, run  # noqa: E402,F401  (they register commands)

@@ -22,13 +22,26 @@ def inspect(model: Path, as_json: bool) -> None:
 
     Reads headers only; tensor data stays in the memory map.
     """
+    from rotary_gguf.embed import load_calibration
     from rotary_gguf.gguf import open_index
 
     index = open_index(model).require_moe()
+    calibration, source = load_calibration(index)
     if as_json:
-        click.echo(json.dumps(index.to_json()))
+        extra = {"calibration": {"source": source, **calibration.to_json()["calibration"]} if calibration
+                 else {"source": None, "reason": source},
+                 "rotary_metadata": {k: v for k, v in index.metadata.items() if k.startswith("rotary.")
+                                     and ".prompt_counts." not in k and ".generated_counts." not in k}}
+        click.echo(json.dumps(index.to_json() | extra))
+        return
+    click.echo(format_index(index))
+    if calibration:
+        top = max(float(p.max()) * len(p) for p in calibration.popularity().values())
+        click.echo(f"calibration    from {source}: {calibration.description}; {calibration.prompts} prompts, "
+                   f"{calibration.prompt_tokens} prompt + {calibration.generated_tokens} generated tokens; most "
+                   f"popular expert {top:.1f}x uniform")
     else:
-        click.echo(format_index(index))
+        click.echo(f"calibration    {source}")
 
 
 @main.command()

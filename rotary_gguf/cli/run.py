@@ -72,9 +72,12 @@ def _placement_choice(default: str = "auto", **kwargs):
 
 
 def _plan(index, profile, budget, ctx, strategy="layer-fill", layer_order="first"):
+    from rotary_gguf.embed import load_calibration
     from rotary_gguf.plan import plan_placement
 
-    return plan_placement(index, profile, strategy=strategy, vram_budget=budget, ctx=ctx, layer_order=layer_order)
+    calibration = load_calibration(index)[0] if strategy == "rotary" else None
+    return plan_placement(index, profile, strategy=strategy, vram_budget=budget, ctx=ctx, layer_order=layer_order,
+                          popularity=calibration.popularity() if calibration else None)
 
 
 @main.group()

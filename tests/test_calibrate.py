@@ -1,0 +1,98 @@
+"""Routing calibration: sidecar counts, rotary-aware GGUF that stock llama.cpp loads, stale sidecars, the
+calibration prior at load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_plugin import PROMPT, _placement
+
+from rotary_gguf import runtime
+from rotary_gguf.calibrate import read_sidecar
+from rotary_gguf.cli import main
+from rotary_gguf.embed import load_calibration
+from rotary_gguf.gguf import open_index
+from rotary_gguf.trace import read_trace
+
+N_USED, N_LAYER = 2, 2
+
+
+@pytest.fixture(scope="module")
+def calibrated(wide_arch_models, tmp_path_factory) -> tuple[Path, Path]:
+    """A copy of a wide qwen3moe model, calibrated (sidecar and trace), and its rotary-aware GGUF."""
+    folder = tmp_path_factory.mktemp("calibrated")
+    model = Path(shutil.copy(wide_arch_models[("qwen3moe", "q8_0")], folder / "model.gguf"))
+    runner = CliRunner()
+    out = runner.invoke(main, ["calibrate", str(model), "--profile", "cpu-only", "--threads", "2", "--tokens", "8",
+                               "--trace", str(folder / "cal.rtrc"), "--plot", str(folder / "heat.png")])
+    assert out.exit_code == 0, out.output
+    embedded = runner.invoke(main, ["calibrate", str(model), "--profile", "cpu-only", "--threads", "2",
+                                    "--tokens", "8", "--embed", "-o", str(folder / "rotary.gguf")])
+    assert embedded.exit_code == 0, embedded.output
+    return model, folder / "rotary.gguf"
+
+
+def test_sidecar_counts_every_routed_token(calibrated):
+    model, _ = calibrated
+    cal = read_sidecar(model.with_name("model.gguf.rotary.json"), open_index(model))
+    assert cal.prompts == 6 and cal.generated_tokens == 6 * 8
+    assert sum(cal.prompt_counts[0]) == cal.prompt_tokens * N_USED
+    assert sum(cal.generated_counts[0]) == sum(cal.generated_counts[N_LAYER - 1]) == cal.generated_tokens * N_USED
+    # llama.cpp routes only the token that needs logits through the last layer of a prompt batch
+    assert sum(cal.prompt_counts[N_LAYER - 1]) == cal.prompts * N_USED
+    trace = read_trace(model.with_name("cal.rtrc"))
+    assert trace.decode_steps == 6 * 8 and not trace.header.synthetic
+    assert model.with_name("heat.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rotary_gguf_loads_in_stock_llama_cpp_unchanged(calibrated):
+    model, rotary = calibrated
+    index = open_index(rotary)
+    assert index.metadata["rotary.format_version"] == 1 and index.metadata["general.alignment"] == 4096
+    assert all(t.offset % 4096 == 0 for t in index.tensors)
+    logits = []
+    for path in (model, rotary):
+        llm = runtime.load(path, n_ctx=256, n_threads=2).llm
+        llm.eval(PROMPT)
+        logits.append(runtime.last_logits(llm))
+        llm.close()
+    assert np.array_equal(*logits)
+    cal, source = load_calibration(index)
+    assert source == "rotary.* metadata" and sum(cal.generated_counts[0]) == cal.generated_tokens * N_USED
+    shown = CliRunner().invoke(main, ["inspect", str(rotary)])
+    assert "calibration    from rotary.* metadata: built-in mixed set" in shown.output
+
+
+def test_stale_sidecar_is_detected(calibrated, wide_arch_models, tmp_path):
+    model, _ = calibrated
+    other = Path(shutil.copy(wide_arch_models[("qwen3moe", "q4_k_m")], tmp_path / "other.gguf"))
+    shutil.copy(model.with_name("model.gguf.rotary.json"), tmp_path / "other.gguf.rotary.json")
+    cal, reason = load_calibration(open_index(other))
+    assert cal is None and "stale calibration" in reason
+    shown = CliRunner().invoke(main, ["inspect", str(other), "--json"])
+    assert "stale calibration" in json.loads(shown.stdout)["calibration"]["reason"]
+
+
+def test_calibration_seeds_slots_at_load(stand_in, calibrated):
+    model, _ = calibrated
+    loaded = runtime.load(model, _placement(model, "rotary", 3), n_ctx=256, n_threads=2)
+    popularity = load_calibration(open_index(model))[0].popularity()
+    for layer, resident in loaded.residency.rotator.expert_in.items():
+        top = sorted(popularity[layer], reverse=True)[:3]
+        assert sorted((popularity[layer][e] for e in resident), reverse=True) == top
+    assert loaded.residency.rotator.policy.name == "hybrid"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--embed"], "--embed and -o OUT.gguf go together"),
+    (["--prompts", "/nonexistent.txt"], "cannot read prompts"),
+])
+def test_calibrate_errors_are_one_line(calibrated, args, message):
+    model, _ = calibrated
+    out = CliRunner().invoke(main, ["calibrate", str(model), "--profile", "cpu-only", *args])
+    assert out.exit_code == 2 and message in out.stderr and out.stderr.count("\n") == 1
