@@ -23,12 +23,17 @@ _ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForC
 _DTYPES = {"f32": ("F32", "float32"), "f16": ("F16", "float16"), "bf16": ("BF16", "bfloat16")}
 
 
+def _kv_heads(model_type: str) -> int:
+    """OLMoE checkpoints use full multi-head attention (and llama.cpp's OLMoE needs it); the others GQA."""
+    return TINY["heads"] if model_type == "olmoe" else TINY["kv_heads"]
+
+
 def _config(model_type: str, dtype: str, style: str, vocab: int) -> dict:
     t, vocab_ids = TINY, embedded_vocabulary()
     cfg = {
         "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
         "hidden_size": t["hidden"], "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"],
-        "num_key_value_heads": t["kv_heads"], "head_dim": t["head_dim"], "vocab_size": vocab,
+        "num_key_value_heads": _kv_heads(model_type), "head_dim": t["head_dim"], "vocab_size": vocab,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
         "num_experts_per_tok": t["top_k"], "hidden_act": "silu",
         "bos_token_id": vocab_ids.id_of("<|endoftext|>"), "eos_token_id": vocab_ids.id_of("<|im_end|>"),
@@ -52,7 +57,8 @@ def _config(model_type: str, dtype: str, style: str, vocab: int) -> dict:
 def _tensors(model_type: str, vocab: int, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
     """HF tensor names and float32 values, [out_features, in_features] as torch stores them."""
     t = TINY
-    e, hd, q, kv, f = t["hidden"], t["head_dim"], t["heads"] * t["head_dim"], t["kv_heads"] * t["head_dim"], t["ff"]
+    e, hd, q, f = t["hidden"], t["head_dim"], t["heads"] * t["head_dim"], t["ff"]
+    kv = _kv_heads(model_type) * t["head_dim"]
 
     def w(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])

@@ -1,0 +1,193 @@
+"""`rotary convert`: an HF MoE checkpoint to GGUF, without torch.
+
+Safetensors are read through numpy one tensor at a time (per-expert tensors are stacked one layer and
+projection at a time), so peak memory stays near the largest stacked tensor, not the model. F32, F16,
+BF16 and Q8_0 are written directly, with convert_hf_to_gguf.py's type rules (norms, 1-D tensors, biases
+and routers stay F32); K-quants and the other llama.cpp types go through llama.cpp's own quantizer from
+an intermediate file at the checkpoint's precision. The output appears only when complete (temp file and
+rename); an existing file is kept unless `force`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import gguf
+import numpy as np
+
+from rotary_gguf.convert.checkpoint import ConvertError, HFConfig, StoredTensor, list_tensors, load_config, read_tensor
+from rotary_gguf.convert.models import model_module
+from rotary_gguf.convert.tokenizer import add_vocab
+
+__all__ = ["ConvertError", "DIRECT_TYPES", "convert"]
+
+Q = gguf.GGMLQuantizationType
+DIRECT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+_FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+               "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+# Router weights stay F32 (convert_hf_to_gguf.py, llama_model_quantize).
+_ALWAYS_F32 = re.compile(r"blk\.\d+\.ffn_gate_inp(_shexp)?\.weight")
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One GGUF tensor: its name, the checkpoint tensors it is made of (several when stacked), its type."""
+
+    name: str
+    sources: tuple[StoredTensor, ...]
+    stacked: bool
+    qtype: gguf.GGMLQuantizationType
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = self.sources[0].shape
+        return (len(self.sources), *first) if self.stacked else first
+
+
+def _qtype(name: str, shape: tuple[int, ...], target: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """convert_hf_to_gguf.py's rules: 1-D tensors, norms, biases and router weights stay F32; rows that a
+    block type cannot hold fall back to F16."""
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or _ALWAYS_F32.fullmatch(name):
+        return Q.F32
+    block = gguf.GGML_QUANT_SIZES[target][0]
+    return target if shape[-1] % block == 0 else Q.F16
+
+
+def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTensor],
+                 target: gguf.GGMLQuantizationType) -> list[OutTensor]:
+    """Every GGUF tensor, in checkpoint order; an error names any checkpoint tensor left unconverted."""
+    n_layer = int(cfg.require("num_hidden_layers"))
+    names = gguf.get_tensor_name_map(module.ARCH, n_layer)
+    experts: dict[tuple[int, str], dict[int, StoredTensor]] = defaultdict(dict)
+    pattern = re.compile(module.EXPERT)
+    out, left = [], []
+    for name, t in tensors.items():
+        if (m := pattern.fullmatch(name)) is not None:
+            experts[(int(m.group(1)), m.group(3))][int(m.group(2))] = t
+            continue
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            left.append(name)
+            continue
+        out.append(OutTensor(new, (t,), False, _qtype(new, t.shape, target)))
+    n_expert = cfg.n_expert
+    ff, hidden = int(cfg.require("moe_intermediate_size", "intermediate_size")), int(cfg.require("hidden_size"))
+    for layer in range(n_layer):
+        for proj in module.PROJECTIONS:
+            group = experts.pop((layer, proj), {})
+            if sorted(group) != list(range(n_expert)):
+                if group or layer in {key[0] for key in experts}:
+                    raise ConvertError(f"layer {layer}: {len(group)} of {n_expert} {proj} experts in the checkpoint")
+                continue
+            shapes = {t.shape for t in group.values()}
+            if len(shapes) != 1 or sorted(next(iter(shapes))) != sorted((ff, hidden)):
+                raise ConvertError(f"layer {layer}: {proj} experts have shapes {sorted(shapes)}; config.json implies "
+                                   f"{ff} x {hidden} (expert FFN x hidden)")
+            stacked = [group[e] for e in range(n_expert)]
+            new = names.get_name(module.STACKED.format(layer=layer, proj=proj), try_suffixes=(".weight",))
+            out.append(OutTensor(new, tuple(stacked), True, _qtype(new, (n_expert, *stacked[0].shape), target)))
+    left += [f"layer {layer} {proj} experts" for layer, proj in experts]
+    if left:
+        raise ConvertError(f"{len(left)} checkpoint tensors not converted (unknown names for {cfg.model_type}): "
+                           + ", ".join(sorted(left)[:5]) + (" ..." if len(left) > 5 else ""))
+    if not any(t.stacked for t in out):
+        raise ConvertError(f"no routed-expert tensors matched {module.EXPERT}: not a MoE checkpoint")
+    return out
+
+
+def _data(t: OutTensor, cfg: HFConfig, module: ModuleType) -> np.ndarray:
+    transform = getattr(module, "transform", None)
+
+    def load(s: StoredTensor) -> np.ndarray:
+        data = read_tensor(s)
+        return transform(s.name, data, cfg) if transform else data
+
+    data = np.stack([load(s) for s in t.sources]) if t.stacked else load(t.sources[0])
+    return gguf.quants.quantize(data, t.qtype)
+
+
+def _parameters(cfg: HFConfig, module: ModuleType, writer: gguf.GGUFWriter, file_type: gguf.LlamaFileType,
+                name: str) -> None:
+    writer.add_name(name)
+    writer.add_block_count(int(cfg.require("num_hidden_layers")))
+    writer.add_context_length(int(cfg.get("max_position_embeddings", default=4096)))
+    writer.add_embedding_length(int(cfg.require("hidden_size")))
+    writer.add_feed_forward_length(int(cfg.require("intermediate_size")))
+    writer.add_head_count(int(cfg.require("num_attention_heads")))
+    writer.add_head_count_kv(int(cfg.get("num_key_value_heads", "num_attention_heads")))
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", default=1e-6)))
+    writer.add_expert_count(cfg.n_expert)
+    writer.add_expert_used_count(int(cfg.require("num_experts_per_tok")))
+    writer.add_vocab_size(int(cfg.require("vocab_size")))
+    writer.add_file_type(file_type)
+    module.parameters(cfg, writer)
+
+
+def write_gguf(folder: Path, out: Path, type_name: str, progress: Callable[[int, int], None] | None = None) -> None:
+    """Write the checkpoint as a GGUF of a DIRECT_TYPES type to `out` (no temp handling here)."""
+    cfg = load_config(folder)
+    module = model_module(cfg.model_type)
+    tensors = list_tensors(folder)
+    plan = plan_tensors(cfg, module, tensors, DIRECT_TYPES[type_name])
+    writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[module.ARCH])
+    try:
+        _parameters(cfg, module, writer, _FILE_TYPES[type_name], folder.resolve().name)
+        add_vocab(writer, folder, int(cfg.require("vocab_size")))
+        for t in plan:
+            if t.qtype in (Q.F32, Q.F16):
+                dtype, shape = np.dtype(np.float32 if t.qtype == Q.F32 else np.float16), t.shape
+            else:
+                dtype, shape = np.dtype(np.uint8), gguf.quant_shape_to_byte_shape(t.shape, t.qtype)
+            writer.add_tensor_info(t.name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=t.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for done, t in enumerate(plan):
+            writer.write_tensor_data(_data(t, cfg, module))
+            if progress:
+                progress(done + 1, len(plan))
+    finally:
+        writer.close()
+
+
+def convert(folder: str | os.PathLike[str], out: str | os.PathLike[str], type_name: str = "f16", *,
+            force: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Convert an HF MoE checkpoint folder to OUT.gguf of type_name (a DIRECT_TYPES name, or any llama.cpp
+    quantization such as q4_k_m, q5_k_m, q6_k, made by llama.cpp's quantizer)."""
+    from rotary_gguf import runtime
+
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise ConvertError(f"{folder}: not a folder")
+    if out.exists() and not force:
+        raise ConvertError(f"{out} exists; use --force to overwrite")
+    part = out.with_name(out.name + ".part")
+    direct = type_name in DIRECT_TYPES
+    intermediate = part if direct else out.with_name(out.name + ".src.part")
+    try:
+        if direct:
+            write_gguf(folder, intermediate, type_name, progress)
+        else:
+            source = {"BF16": "bf16", "F16": "f16"}.get(_checkpoint_dtype(folder), "f32")
+            write_gguf(folder, intermediate, source, progress)
+            runtime.quantize(intermediate, part, type_name)
+        os.replace(part, out)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    finally:
+        if not direct:
+            intermediate.unlink(missing_ok=True)
+    return out
+
+
+def _checkpoint_dtype(folder: Path) -> str:
+    dtypes = {t.dtype for t in list_tensors(folder).values()}
+    return dtypes.pop() if len(dtypes) == 1 else "F32"

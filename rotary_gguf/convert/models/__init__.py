@@ -1,0 +1,22 @@
+"""One module per HF model_type: the GGUF architecture, how per-expert tensors are named and stacked, the
+architecture's own metadata keys, and any tensor rewrite (found with importlib, as mlx-lm does)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from rotary_gguf.convert.checkpoint import ConvertError
+
+SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+# Dense relatives, named in the error so that a user sees why their checkpoint is refused.
+_DENSE = ("llama", "qwen2", "qwen3", "mistral", "olmo", "olmo2", "gemma", "gemma2", "gemma3", "phi3")
+
+
+def model_module(model_type: str) -> ModuleType:
+    if model_type in _DENSE:
+        raise ConvertError(f"model_type {model_type!r} is a dense model; rotary converts Mixture-of-Experts "
+                           f"checkpoints: {', '.join(SUPPORTED)}")
+    if model_type not in SUPPORTED:
+        raise ConvertError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
+    return importlib.import_module(f"rotary_gguf.convert.models.{model_type}")

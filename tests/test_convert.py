@@ -1,0 +1,159 @@
+"""`rotary convert` against the real references: transformers' logits for the same checkpoint, and
+llama.cpp's own convert_hf_to_gguf.py tensor for tensor; bad checkpoints get one line and no output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+
+from rotary_gguf import runtime
+from rotary_gguf.cli import main
+from rotary_gguf.convert import convert
+from rotary_gguf.gguf import open_index
+from rotary_gguf.synth.hf import write_hf_checkpoint
+
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+IDS = list(range(10, 42))
+# Runs llama.cpp's converter with two hooks that concern only the vocabulary: the synthetic tokenizer's
+# pre-tokenizer is named (its hash is in no list) and no sentencepiece model is looked for.
+_REFERENCE = """
+import os, runpy, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root, os.path.join(root, "gguf-py")]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+def no_sentencepiece(self):
+    raise FileNotFoundError("no tokenizer.model")
+base.TextModel._create_vocab_sentencepiece = no_sentencepiece
+sys.argv[0] = os.path.join(root, "convert_hf_to_gguf.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("hf")
+    return {t: write_hf_checkpoint(folder / t, t, dtype="bf16", seed=1)[0].parent for t in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def reference_converter(tmp_path_factory) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (with conversion/ and gguf-py/) from the pinned llama-cpp-python sdist."""
+    folder = tmp_path_factory.mktemp("sdist")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                    "llama-cpp-python==0.3.36", "-d", str(folder)], check=True, capture_output=True)
+    prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+    with tarfile.open(next(folder.glob("*.tar.gz"))) as archive:
+        wanted = (prefix + "convert_hf_to_gguf.py", prefix + "conversion/", prefix + "gguf-py/")
+        members = [m for m in archive.getmembers() if m.name.startswith(wanted)]
+        archive.extractall(folder, members=members, filter="data")
+    (folder / "reference.py").write_text(_REFERENCE)
+    return folder / prefix
+
+
+def _llama_logits(path: Path) -> np.ndarray:
+    model = runtime.load(path, n_ctx=256, n_threads=2, kv_cache_type="f32")
+    model.llm.eval(IDS)
+    logits = runtime.last_logits(model.llm)
+    model.llm.close()
+    return logits
+
+
+def _transformers_logits(folder: Path) -> np.ndarray:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0, -1].numpy()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_f32_logits_match_transformers(checkpoints, tmp_path, family):
+    out = convert(checkpoints[family], tmp_path / "model.gguf", "f32")
+    assert np.abs(_llama_logits(out) - _transformers_logits(checkpoints[family])).max() <= 1e-4
+
+
+def test_transformers_5_config_and_shards(tmp_path):
+    folder = write_hf_checkpoint(tmp_path / "hf", "qwen3_moe", dtype="bf16", config_style="v5", shards=3)[0].parent
+    assert (folder / "model.safetensors.index.json").exists()
+    out = convert(folder, tmp_path / "model.gguf", "f32")
+    assert np.abs(_llama_logits(out) - _transformers_logits(folder)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensors_equal_llama_cpp_converter(checkpoints, reference_converter, tmp_path, family, qtype):
+    ref = tmp_path / "reference.gguf"
+    script = reference_converter.parents[2] / "reference.py"
+    subprocess.run([sys.executable, str(script), str(reference_converter), str(checkpoints[family]),
+                    "--outtype", qtype, "--outfile", str(ref)], check=True, capture_output=True)
+    ours = convert(checkpoints[family], tmp_path / "ours.gguf", qtype)
+    theirs = {t.name: t for t in GGUFReader(ref).tensors}
+    mine = {t.name: t for t in GGUFReader(ours).tensors}
+    assert set(mine) == set(theirs)
+    for name, t in theirs.items():
+        assert (mine[name].tensor_type, list(mine[name].shape)) == (t.tensor_type, list(t.shape)), name
+        assert np.array_equal(np.asarray(mine[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
+
+
+def test_k_quant_through_llama_cpp_and_calibrated_output(checkpoints, tmp_path):
+    out = tmp_path / "q4.gguf"
+    result = CliRunner().invoke(main, ["convert", str(checkpoints["qwen3_moe"]), "-o", str(out), "--type", "q4_k_m",
+                                       "--calibrate", "builtin"])
+    assert result.exit_code == 0, result.output
+    index = open_index(out)
+    assert {"Q4_K", "Q8_0", "Q6_K", "Q5_K"} & set(index.type_counts) and index.metadata["rotary.format_version"] == 1
+    assert all(t.offset % 4096 == 0 for t in index.tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q4.gguf"]
+    model = runtime.load(out, n_ctx=256, n_threads=2)
+    model.llm.eval(IDS)
+    assert np.isfinite(runtime.last_logits(model.llm)).all()
+
+
+def _broken(tmp_path: Path, how: str) -> Path:
+    folder = write_hf_checkpoint(tmp_path / "hf", "qwen3_moe", dtype="bf16", shards=2)[0].parent
+    config = json.loads((folder / "config.json").read_text())
+    if how == "no config":
+        (folder / "config.json").unlink()
+    elif how == "corrupt config":
+        (folder / "config.json").write_text("{not json")
+    elif how == "missing shard":
+        next(folder.glob("model-00002-*.safetensors")).unlink()
+    elif how in ("dense", "unknown"):
+        config["model_type"] = "qwen3" if how == "dense" else "deepseek_v3"
+        (folder / "config.json").write_text(json.dumps(config))
+    elif how in ("shape", "count"):
+        config["moe_intermediate_size" if how == "shape" else "num_experts"] = 48 if how == "shape" else 6
+        (folder / "config.json").write_text(json.dumps(config))
+    elif how == "dtype":
+        shard = next(folder.glob("model-00001-*.safetensors"))
+        shard.write_bytes(shard.read_bytes().replace(b'"dtype":"BF16"', b'"dtype":"I8"  ', 1))
+    return folder
+
+
+@pytest.mark.parametrize("how, message", [
+    ("no config", "no config.json"), ("corrupt config", "unreadable config"), ("missing shard", "missing shard"),
+    ("dense", "is a dense model"), ("unknown", "unsupported model_type 'deepseek_v3'; supported: qwen3_moe"),
+    ("shape", "down_proj experts have shapes [(64, 32)]; config.json implies 48 x 64"),
+    ("count", "8 of 6 down_proj experts"), ("dtype", "has dtype I8"),
+])
+def test_bad_checkpoints_are_one_line_and_write_nothing(tmp_path, how, message):
+    folder = _broken(tmp_path, how)
+    out = CliRunner().invoke(main, ["convert", str(folder), "-o", str(tmp_path / "out.gguf")])
+    assert out.exit_code == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not list(tmp_path.glob("out.gguf*"))
+
+
+def test_existing_output_needs_force(checkpoints, tmp_path):
+    (tmp_path / "out.gguf").write_bytes(b"keep")
+    out = CliRunner().invoke(main, ["convert", str(checkpoints["olmoe"]), "-o", str(tmp_path / "out.gguf")])
+    assert out.exit_code == 2 and "use --force" in out.stderr and (tmp_path / "out.gguf").read_bytes() == b"keep"
