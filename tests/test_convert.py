@@ -157,3 +157,26 @@ def test_existing_output_needs_force(checkpoints, tmp_path):
     (tmp_path / "out.gguf").write_bytes(b"keep")
     out = CliRunner().invoke(main, ["convert", str(checkpoints["olmoe"]), "-o", str(tmp_path / "out.gguf")])
     assert out.exit_code == 2 and "use --force" in out.stderr and (tmp_path / "out.gguf").read_bytes() == b"keep"
+
+
+def test_unknown_pre_tokenizer_warns_and_converts(checkpoints, tmp_path, caplog):
+    import shutil
+
+    folder = Path(shutil.copytree(checkpoints["qwen2_moe"], tmp_path / "hf"))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Metaspace", "replacement": "_"}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = convert(folder, tmp_path / "out.gguf", "q8_0")
+    assert "unrecognised pre-tokenizer" in caplog.text
+    assert open_index(out).metadata["tokenizer.ggml.pre"] == "default"
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0", "bf16"])
+def test_pieces_convert_like_the_whole(checkpoints, tmp_path, monkeypatch, qtype):
+    """Row blocks and experts converted apart on threads give the bytes of one whole-tensor conversion."""
+    import rotary_gguf.convert as converter
+
+    whole = convert(checkpoints["qwen2_moe"], tmp_path / "whole.gguf", qtype)
+    monkeypatch.setattr(converter, "_ROWS_PER_CHUNK", 7)  # the embedding and output head split in 147 blocks
+    pieces = convert(checkpoints["qwen2_moe"], tmp_path / "pieces.gguf", qtype)
+    assert whole.read_bytes() == pieces.read_bytes()

@@ -14,6 +14,7 @@ import os
 import re
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -101,15 +102,51 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
     return out
 
 
-def _data(t: OutTensor, cfg: HFConfig, module: ModuleType) -> np.ndarray:
+_ROWS_PER_CHUNK = 4096  # rows of a 2-D tensor converted as one piece of work
+
+
+def _pieces(t: OutTensor) -> list[tuple[StoredTensor, slice]]:
+    """Independent pieces of a tensor's conversion: one expert of a stacked tensor, or a block of rows
+    (every type written here quantizes rows on their own, so pieces give the same bytes as the whole)."""
+    if t.stacked:
+        return [(s, slice(None)) for s in t.sources]
+    source = t.sources[0]
+    n_rows = source.shape[0] if len(source.shape) > 1 else 0
+    if n_rows <= _ROWS_PER_CHUNK:
+        return [(source, slice(None))]
+    return [(source, slice(i, min(i + _ROWS_PER_CHUNK, n_rows))) for i in range(0, n_rows, _ROWS_PER_CHUNK)]
+
+
+def _data(t: OutTensor, cfg: HFConfig, module: ModuleType, pool: ThreadPoolExecutor) -> np.ndarray:
+    """The tensor in its output type, converted piece by piece on a thread pool (numpy releases the GIL
+    while it casts) into one preallocated array."""
     transform = getattr(module, "transform", None)
+    if transform is not None and not t.stacked:  # a rewrite of the whole tensor (q/k permutation)
+        return gguf.quants.quantize(transform(t.sources[0].name, read_tensor(t.sources[0]), cfg), t.qtype)
+    pieces = _pieces(t)
 
-    def load(s: StoredTensor) -> np.ndarray:
-        data = read_tensor(s)
-        return transform(s.name, data, cfg) if transform else data
+    def convert_piece(piece: tuple[StoredTensor, slice]) -> np.ndarray:
+        source, rows = piece
+        data = read_tensor(source, rows)
+        return gguf.quants.quantize(transform(source.name, data, cfg) if transform else data, t.qtype)
 
-    data = np.stack([load(s) for s in t.sources]) if t.stacked else load(t.sources[0])
-    return gguf.quants.quantize(data, t.qtype)
+    first = convert_piece(pieces[0])
+    if len(pieces) == 1:
+        return first[None] if t.stacked else first
+    if t.stacked:
+        out = np.empty((len(pieces), *first.shape), dtype=first.dtype)
+        out[0] = first
+        targets = [out[i] for i in range(len(pieces))]
+    else:
+        out = np.empty((t.shape[0], *first.shape[1:]), dtype=first.dtype)
+        targets = [out[rows] for _, rows in pieces]
+        targets[0][...] = first
+
+    def fill(i: int) -> None:
+        targets[i][...] = convert_piece(pieces[i])
+
+    list(pool.map(fill, range(1, len(pieces))))
+    return out
 
 
 def _parameters(cfg: HFConfig, module: ModuleType, writer: gguf.GGUFWriter, file_type: gguf.LlamaFileType,
@@ -149,10 +186,11 @@ def write_gguf(folder: Path, out: Path, type_name: str, progress: Callable[[int,
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for done, t in enumerate(plan):
-            writer.write_tensor_data(_data(t, cfg, module))
-            if progress:
-                progress(done + 1, len(plan))
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for done, t in enumerate(plan):
+                writer.write_tensor_data(_data(t, cfg, module, pool))
+                if progress:
+                    progress(done + 1, len(plan))
     finally:
         writer.close()
 

@@ -124,10 +124,10 @@ def list_tensors(folder: Path) -> dict[str, StoredTensor]:
     return found
 
 
-def read_tensor(t: StoredTensor) -> np.ndarray:
-    """The tensor as float32 (f16 and f32 as stored; bf16 widened exactly), memory-mapped until used."""
-    raw = np.memmap(t.file, dtype=_DTYPES[t.dtype], mode="r", offset=t.start, shape=t.shape)
+def read_tensor(t: StoredTensor, rows: slice = slice(None)) -> np.ndarray:
+    """The tensor (or a range of its first axis) as float32: f16 and f32 as stored, bf16 widened exactly.
+    Memory-mapped: only the rows asked for are read."""
+    raw = np.memmap(t.file, dtype=_DTYPES[t.dtype], mode="r", offset=t.start, shape=t.shape)[rows]
     if t.dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32)
-

@@ -23,17 +23,17 @@ _ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForC
 _DTYPES = {"f32": ("F32", "float32"), "f16": ("F16", "float16"), "bf16": ("BF16", "bfloat16")}
 
 
-def _kv_heads(model_type: str) -> int:
+def _kv_heads(model_type: str, t: dict[str, int]) -> int:
     """OLMoE checkpoints use full multi-head attention (and llama.cpp's OLMoE needs it); the others GQA."""
-    return TINY["heads"] if model_type == "olmoe" else TINY["kv_heads"]
+    return t["heads"] if model_type == "olmoe" else t["kv_heads"]
 
 
-def _config(model_type: str, dtype: str, style: str, vocab: int) -> dict:
-    t, vocab_ids = TINY, embedded_vocabulary()
+def _config(model_type: str, dtype: str, style: str, vocab: int, t: dict[str, int]) -> dict:
+    vocab_ids = embedded_vocabulary()
     cfg = {
         "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
         "hidden_size": t["hidden"], "num_hidden_layers": t["layers"], "num_attention_heads": t["heads"],
-        "num_key_value_heads": _kv_heads(model_type), "head_dim": t["head_dim"], "vocab_size": vocab,
+        "num_key_value_heads": _kv_heads(model_type, t), "head_dim": t["head_dim"], "vocab_size": vocab,
         "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
         "num_experts_per_tok": t["top_k"], "hidden_act": "silu",
         "bos_token_id": vocab_ids.id_of("<|endoftext|>"), "eos_token_id": vocab_ids.id_of("<|im_end|>"),
@@ -54,11 +54,11 @@ def _config(model_type: str, dtype: str, style: str, vocab: int) -> dict:
     return cfg
 
 
-def _tensors(model_type: str, vocab: int, rng: np.random.Generator) -> Iterator[tuple[str, np.ndarray]]:
+def _tensors(model_type: str, vocab: int, rng: np.random.Generator,
+             t: dict[str, int]) -> Iterator[tuple[str, np.ndarray]]:
     """HF tensor names and float32 values, [out_features, in_features] as torch stores them."""
-    t = TINY
     e, hd, q, f = t["hidden"], t["head_dim"], t["heads"] * t["head_dim"], t["ff"]
-    kv = _kv_heads(model_type) * t["head_dim"]
+    kv = _kv_heads(model_type, t) * t["head_dim"]
 
     def w(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[-1])
@@ -149,17 +149,24 @@ def _tokenizer_files(out: Path) -> list[Path]:
 
 
 def write_hf_checkpoint(out: str | Path, model_type: str = "qwen3_moe", *, dtype: str = "bf16",
-                        config_style: str = "v4", shards: int = 1, seed: int = 0) -> list[Path]:
-    """Write a tiny random checkpoint of `model_type` into `out`; returns the files written."""
+                        config_style: str = "v4", shards: int = 1, seed: int = 0,
+                        shapes: dict[str, int] | None = None) -> list[Path]:
+    """Write a tiny random checkpoint of `model_type` into `out`; returns the files written. `shapes`
+    overrides TINY's entries (hidden, layers, heads, kv_heads, head_dim, experts, top_k, ff, shared_ff),
+    e.g. for a checkpoint of a gigabyte or more for conversion benchmarks."""
     if model_type not in _ARCHITECTURES:
         raise SynthError(f"no tiny HF writer for model_type {model_type!r}; known: {', '.join(_ARCHITECTURES)}")
     if dtype not in _DTYPES or config_style not in ("v4", "v5") or shards < 1:
         raise SynthError(f"bad checkpoint options: dtype={dtype!r} config_style={config_style!r} shards={shards}")
+    unknown = set(shapes or {}) - set(TINY)
+    if unknown:
+        raise SynthError(f"unknown checkpoint shape keys: {', '.join(sorted(unknown))}; known: {', '.join(TINY)}")
+    t = {**TINY, **(shapes or {})}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = len(embedded_vocabulary().tokens)
-    tensors = list(_tensors(model_type, vocab, np.random.default_rng(seed)))
-    (out / "config.json").write_text(json.dumps(_config(model_type, dtype, config_style, vocab), indent=2))
+    tensors = list(_tensors(model_type, vocab, np.random.default_rng(seed), t))
+    (out / "config.json").write_text(json.dumps(_config(model_type, dtype, config_style, vocab, t), indent=2))
     files = [out / "config.json", *_tokenizer_files(out)]
     if shards == 1:
         write_safetensors(out / "model.safetensors", tensors, dtype)
