@@ -20,7 +20,7 @@ from rotary_gguf.convert import convert
 from rotary_gguf.gguf import open_index
 from rotary_gguf.synth.hf import write_hf_checkpoint
 
-FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 IDS = list(range(10, 42))
 # Runs llama.cpp's converter with two hooks that concern only the vocabulary: the synthetic tokenizer's
 # pre-tokenizer is named (its hash is in no list) and no sentencepiece model is looked for.
@@ -40,8 +40,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """bf16 checkpoints of every family. gpt-oss's YaRN is set to truncate=true, the variant llama.cpp
+    implements (with the released truncate=false the converter warns: test_gpt_oss_untruncated_yarn_warns)."""
     folder = tmp_path_factory.mktemp("hf")
-    return {t: write_hf_checkpoint(folder / t, t, dtype="bf16", seed=1)[0].parent for t in FAMILIES}
+    found = {t: write_hf_checkpoint(folder / t, t, dtype="bf16", seed=1)[0].parent for t in FAMILIES}
+    config = json.loads((found["gpt_oss"] / "config.json").read_text())
+    config["rope_scaling"]["truncate"] = True
+    (found["gpt_oss"] / "config.json").write_text(json.dumps(config))
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +186,10 @@ def test_pieces_convert_like_the_whole(checkpoints, tmp_path, monkeypatch, qtype
     monkeypatch.setattr(converter, "_ROWS_PER_CHUNK", 7)  # the embedding and output head split in 147 blocks
     pieces = convert(checkpoints["qwen2_moe"], tmp_path / "pieces.gguf", qtype)
     assert whole.read_bytes() == pieces.read_bytes()
+
+
+def test_gpt_oss_untruncated_yarn_warns(tmp_path, caplog):
+    folder = write_hf_checkpoint(tmp_path / "hf", "gpt_oss", dtype="bf16")[0].parent
+    convert(folder, tmp_path / "out.gguf", "q8_0")
+    assert "truncate=false: llama.cpp always rounds the correction range" in caplog.text
+    assert open_index(tmp_path / "out.gguf").metadata["gpt-oss.rope.scaling.type"] == "yarn"

@@ -11,7 +11,7 @@ from rotary_gguf.cli import Failure, LazyBar, main
 from rotary_gguf.report import format_bytes, format_index
 from rotary_gguf.synth import ARCHITECTURES, PRESET_DEFAULT_TYPE, PRESETS, TYPE_NAMES
 
-HF_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+HF_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 
 
 @main.command()

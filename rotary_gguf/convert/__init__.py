@@ -44,11 +44,23 @@ class OutTensor:
     sources: tuple[StoredTensor, ...]
     stacked: bool
     qtype: gguf.GGMLQuantizationType
+    derived: Derived | None = None  # a fused checkpoint tensor's part, made expert by expert
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.derived is not None:
+            return self.derived.shape
         first = self.sources[0].shape
         return (len(self.sources), *first) if self.stacked else first
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Part of a checkpoint tensor that stores all experts fused (gpt-oss): its stacked shape and how to
+    make expert e's slice (float32) from the stored tensor."""
+
+    shape: tuple[int, ...]
+    expert: Callable[[int], np.ndarray]
 
 
 def _qtype(name: str, shape: tuple[int, ...], target: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
@@ -68,11 +80,20 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
     experts: dict[tuple[int, str], dict[int, StoredTensor]] = defaultdict(dict)
     pattern = re.compile(module.EXPERT)
     out, left = [], []
+    derive = getattr(module, "derive", None)
     for name, t in tensors.items():
+        for part_name, shape, expert in (derive(name, t, cfg) if derive else None) or ():
+            new = names.get_name(part_name, try_suffixes=(".weight", ".bias"))
+            if new is None:
+                raise ConvertError(f"{part_name}: no GGUF name for {cfg.model_type}")
+            out.append(OutTensor(new, (t,), True, _qtype(new, shape, target), Derived(shape, expert)))
+        if derive and derive(name, t, cfg):
+            continue
         if (m := pattern.fullmatch(name)) is not None:
             experts[(int(m.group(1)), m.group(3))][int(m.group(2))] = t
             continue
-        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        rename = getattr(module, "rename", None)
+        new = names.get_name(rename(name) if rename else name, try_suffixes=(".weight", ".bias"))
         if new is None:
             left.append(name)
             continue
@@ -105,9 +126,11 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
 _ROWS_PER_CHUNK = 4096  # rows of a 2-D tensor converted as one piece of work
 
 
-def _pieces(t: OutTensor) -> list[tuple[StoredTensor, slice]]:
+def _pieces(t: OutTensor) -> list[tuple[StoredTensor, slice | int]]:
     """Independent pieces of a tensor's conversion: one expert of a stacked tensor, or a block of rows
     (every type written here quantizes rows on their own, so pieces give the same bytes as the whole)."""
+    if t.derived is not None:
+        return [(t.sources[0], e) for e in range(t.derived.shape[0])]
     if t.stacked:
         return [(s, slice(None)) for s in t.sources]
     source = t.sources[0]
@@ -125,9 +148,9 @@ def _data(t: OutTensor, cfg: HFConfig, module: ModuleType, pool: ThreadPoolExecu
         return gguf.quants.quantize(transform(t.sources[0].name, read_tensor(t.sources[0]), cfg), t.qtype)
     pieces = _pieces(t)
 
-    def convert_piece(piece: tuple[StoredTensor, slice]) -> np.ndarray:
+    def convert_piece(piece: tuple[StoredTensor, slice | int]) -> np.ndarray:
         source, rows = piece
-        data = read_tensor(source, rows)
+        data = t.derived.expert(rows) if t.derived is not None else read_tensor(source, rows)
         return gguf.quants.quantize(transform(source.name, data, cfg) if transform else data, t.qtype)
 
     first = convert_piece(pieces[0])

@@ -19,7 +19,10 @@ from rotary_gguf.synth.vocab import CHAT_TEMPLATE, QWEN2_SPLIT, embedded_vocabul
 # The shapes every tiny checkpoint shares (small enough for a unit test, large enough for GQA and top-k).
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, top_k=2, ff=32, shared_ff=48)
 _ARCHITECTURES = {"qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                  "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                  "mixtral": "MixtralForCausalLM", "olmoe": "OlmoeForCausalLM", "gpt_oss": "GptOssForCausalLM"}
+# gpt-oss's RoPE: YaRN stretched 32x from 4096 positions, as the released checkpoints configure it.
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                 "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False}
 _DTYPES = {"f32": ("F32", "float32"), "f16": ("F16", "float16"), "bf16": ("BF16", "bfloat16")}
 
 
@@ -38,7 +41,7 @@ def _config(model_type: str, dtype: str, style: str, vocab: int, t: dict[str, in
         "num_experts_per_tok": t["top_k"], "hidden_act": "silu",
         "bos_token_id": vocab_ids.id_of("<|endoftext|>"), "eos_token_id": vocab_ids.id_of("<|im_end|>"),
     }
-    experts_key = "num_local_experts" if model_type == "mixtral" or style == "v5" else "num_experts"
+    experts_key = "num_local_experts" if model_type in ("mixtral", "gpt_oss") or style == "v5" else "num_experts"
     cfg[experts_key] = t["experts"]
     if model_type in ("qwen3_moe", "qwen2_moe"):
         cfg.update(moe_intermediate_size=t["ff"], intermediate_size=t["ff"] * t["top_k"],
@@ -47,10 +50,17 @@ def _config(model_type: str, dtype: str, style: str, vocab: int, t: dict[str, in
         cfg["intermediate_size"] = t["ff"]
     if model_type == "qwen2_moe":
         cfg["shared_expert_intermediate_size"] = t["shared_ff"]
+    rope = {"rope_type": "default"}
+    if model_type == "gpt_oss":
+        rope = dict(_GPT_OSS_ROPE)
+        cfg.update(sliding_window=128, swiglu_limit=7.0, attention_bias=True, rms_norm_eps=1e-5,
+                   layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(t["layers"])])
     if style == "v5":
-        cfg.update(rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, dtype=_DTYPES[dtype][1])
+        cfg.update(rope_parameters={**rope, "rope_theta": 1_000_000.0}, dtype=_DTYPES[dtype][1])
     else:
         cfg.update(rope_theta=1_000_000.0, torch_dtype=_DTYPES[dtype][1])
+        if rope["rope_type"] != "default":
+            cfg["rope_scaling"] = rope
     return cfg
 
 
@@ -70,7 +80,7 @@ def _tensors(model_type: str, vocab: int, rng: np.random.Generator,
         yield p + "post_attention_layernorm.weight", np.ones(e, np.float32)
         for name, rows in (("q", q), ("k", kv), ("v", kv)):
             yield p + f"self_attn.{name}_proj.weight", w(rows, e)
-            if model_type == "qwen2_moe":
+            if model_type in ("qwen2_moe", "gpt_oss"):
                 yield p + f"self_attn.{name}_proj.bias", w(rows) * 0.1
         yield p + "self_attn.o_proj.weight", w(e, q)
         if model_type == "qwen3_moe":
@@ -79,6 +89,9 @@ def _tensors(model_type: str, vocab: int, rng: np.random.Generator,
         if model_type == "olmoe":
             yield p + "self_attn.q_norm.weight", np.ones(q, np.float32)
             yield p + "self_attn.k_norm.weight", np.ones(kv, np.float32)
+        if model_type == "gpt_oss":
+            yield from _gpt_oss_layer(p, t, w, q, kv)
+            continue
         moe = p + ("block_sparse_moe." if model_type == "mixtral" else "mlp.")
         yield moe + "gate.weight", w(t["experts"], e)
         for j in range(t["experts"]):
@@ -95,6 +108,20 @@ def _tensors(model_type: str, vocab: int, rng: np.random.Generator,
             yield moe + "shared_expert_gate.weight", w(1, e)
     yield "model.norm.weight", np.ones(e, np.float32)
     yield "lm_head.weight", w(vocab, e)
+
+
+def _gpt_oss_layer(p: str, t: dict[str, int], w, q: int, kv: int) -> Iterator[tuple[str, np.ndarray]]:
+    """gpt-oss after attention: output bias, attention sinks, a biased router, and experts stored fused
+    ([experts, hidden, 2 x ff] with gate and up interleaved) with biases."""
+    e, f, n = t["hidden"], t["ff"], t["experts"]
+    yield p + "self_attn.o_proj.bias", w(e) * 0.1
+    yield p + "self_attn.sinks", w(t["heads"])
+    yield p + "mlp.router.weight", w(n, e)
+    yield p + "mlp.router.bias", w(n) * 0.1
+    yield p + "mlp.experts.gate_up_proj", w(n, 2 * f, e).transpose(0, 2, 1).copy()
+    yield p + "mlp.experts.gate_up_proj_bias", w(n, 2 * f) * 0.1
+    yield p + "mlp.experts.down_proj", w(n, e, f).transpose(0, 2, 1).copy()
+    yield p + "mlp.experts.down_proj_bias", w(n, e) * 0.1
 
 
 def _encode(value: np.ndarray, dtype: str) -> bytes:

@@ -8,7 +8,7 @@ from types import ModuleType
 
 from rotary_gguf.convert.checkpoint import ConvertError
 
-SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe")
+SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 # Dense relatives, named in the error so that a user sees why their checkpoint is refused.
 _DENSE = ("llama", "qwen2", "qwen3", "mistral", "olmo", "olmo2", "gemma", "gemma2", "gemma3", "phi3")
 
