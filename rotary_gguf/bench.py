@@ -138,7 +138,9 @@ def rotary_stats(rotation: Any) -> dict[str, Any]:
             "copy_stall_ms": round(plugin["stall_ns"] / 1e6, 3),
             "slots": {str(layer): n for layer, n in rotation.slots.items()},
             "device": rotation.plugin.description,
-            "per_layer_hit_rate": {str(s.layer): round(s.hit_rate, 4) for s in layers}}
+            "per_layer_hit_rate": {str(s.layer): round(s.hit_rate, 4) for s in layers},
+            "per_layer": {str(s.layer): {"hits": s.device_pairs, "misses": s.host_pairs, "admissions": s.admissions,
+                                         "evictions": s.evictions, "bytes_copied": s.bytes_copied} for s in layers}}
 
 
 def run_bench(path: Path, index: ModelIndex, profile: Profile, *, strategies: tuple[str, ...] = STRATEGIES,

@@ -171,7 +171,9 @@ def format_telemetry(generation, telemetry, placement, rss_before_load: int, rot
                  f"{format_bytes(placement.predicted_host_bytes)}")
     if rotary is not None:
         lines.append(f"rotary         {rotary['hit_rate']:.1%} of the last reply's expert reads from slots "
-                     f"({rotary['expert_reads_device']} device, {rotary['expert_reads_host']} host)")
+                     f"({rotary['expert_reads_device']} device, {rotary['expert_reads_host']} host); policy "
+                     f"{rotary['policy']}: {rotary['admissions']} admitted, {rotary['evictions']} evicted, "
+                     f"{format_bytes(rotary['bytes_copied'])} copied, copy stalls {rotary['copy_stall_ms']:.1f} ms")
     return "\n".join(lines)
 
 

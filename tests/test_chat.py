@@ -14,9 +14,9 @@ pexpect = pytest.importorskip("pexpect")
 ROTARY = str(Path(sys.executable).parent / "rotary")
 
 
-def _spawn(model: Path, *args: str) -> pexpect.spawn:
-    child = pexpect.spawn(ROTARY, ["chat", str(model), "--profile", "cpu-only", *args], encoding="utf-8",
-                          timeout=60, dimensions=(40, 120))
+def _spawn(model: Path, *args: str, profile: str = "cpu-only", env: dict | None = None) -> pexpect.spawn:
+    child = pexpect.spawn(ROTARY, ["chat", str(model), "--profile", profile, *args], encoding="utf-8",
+                          timeout=60, dimensions=(40, 160), env=env)
     child.expect("> ")
     return child
 
@@ -37,6 +37,29 @@ def test_chat_turns_stats_reset_exit(tiny_model):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_chat_stats_show_rotation(tiny_model):
+    import os
+
+    from rotary_gguf.gguf import open_index
+    from rotary_gguf.plan import plan_placement, rotary_scratch_bytes
+    from rotary_gguf.profile import load_profile
+
+    index = open_index(tiny_model)  # a budget that holds 3 of the 8 experts of each layer
+    fixed = plan_placement(index, load_profile("rtx4060-laptop-8gb"), strategy="experts-on-host", ctx=256)
+    budget = fixed.predicted_vram_bytes + rotary_scratch_bytes(index) + 3 * sum(map(index.slot_bytes, index.moe_layers))
+    env = {**os.environ, "ROTARY_SCHED_DEVICE": "cpu"}
+    child = _spawn(tiny_model, "-n", "24", "--placement", "rotary", "--vram-budget", f"{budget}B", "--ctx", "256",
+                   profile="rtx4060-laptop-8gb", env=env)
+    child.sendline("Hello, which experts are hot today?")
+    child.expect("> ")
+    child.sendline("/stats")
+    child.expect(r"rotary +[0-9.]+% of the last reply's expert reads from slots \(\d+ device, \d+ host\); "
+                 r"policy hybrid: \d+ admitted, \d+ evicted, [0-9.]+ \w+ copied, copy stalls [0-9.]+ ms")
+    child.expect("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
 
 
 def _interrupt_a_reply(child, message: str) -> bool:
