@@ -222,27 +222,46 @@ class Rotator:
         for rank, (layer, ids) in enumerate(sorted(routing.items())):
             if self.layers[layer].n_slots == 0:
                 continue
+            missed = ids[self.slot_of[layer][ids] < 0]
+            if not missed.size:
+                continue
             priority = priorities[layer] = self.policy.priority(layer, self.step)
-            missed = np.unique(ids[self.slot_of[layer][ids] < 0])
             fairness = (rank - self.step) % n_layers
-            found += [(-float(priority[e]), fairness, layer, int(e)) for e in missed]
+            found += [(-float(priority[e]), fairness, layer, e) for e in dict.fromkeys(missed.tolist())]
         found.sort()
         return found
 
+    def _victims(self, layer: int, priority: np.ndarray) -> tuple[list[int], list[float]]:
+        """The layer's slots in the order they give way: empty ones first (lowest slot first), then
+        residents from the least valued; slots being copied never."""
+        slots = self.expert_in[layer]
+        values = np.where(slots >= 0, priority[np.maximum(slots, 0)], -np.inf)
+        values[self.busy[layer]] = np.inf
+        order = np.argsort(values, kind="stable")
+        return order.tolist(), values[order].tolist()
+
     def _admit(self, routing: dict[int, np.ndarray]) -> None:
+        """Admit candidates best first while the budget lasts; each takes its layer's next slot to give way
+        if it is worth more than what that slot holds (else the layer takes no more this token)."""
         budget = self.budget()
         copied = 0
         admitted: dict[int, tuple[list[int], list[int]]] = {}
         priorities: dict[int, np.ndarray] = {}
-        closed: set[int] = set()  # layers whose least valued resident outranks their remaining candidates
+        victims: dict[int, tuple[list[int], list[float]]] = {}
+        taken: dict[int, int] = {}
+        closed: set[int] = set()
         for neg_priority, _, layer, expert in self._candidates(routing, priorities):
             shape = self.layers[layer]
             if layer in closed or (budget is not None and copied + shape.slot_bytes > budget):
                 continue
-            slot = self._victim_slot(layer, -neg_priority, priorities[layer])
-            if slot is None:
+            if layer not in victims:
+                victims[layer] = self._victims(layer, priorities[layer])
+            order, values = victims[layer]
+            k = taken.get(layer, 0)
+            if k >= len(order) or not -neg_priority > values[k]:
                 closed.add(layer)
                 continue
+            slot, taken[layer] = order[k], k + 1
             victim = int(self.expert_in[layer][slot])
             if victim >= 0:
                 self.slot_of[layer][victim] = -1
@@ -259,19 +278,6 @@ class Rotator:
         for layer, (experts, slots) in admitted.items():
             self.backend.admit(layer, experts, slots)
         self.copied_per_token.append(copied)
-
-    def _victim_slot(self, layer: int, candidate_priority: float, priority: np.ndarray) -> int | None:
-        """An empty slot, else the slot of the resident valued least if the candidate is worth more."""
-        slots = self.expert_in[layer]
-        free = np.flatnonzero((slots < 0) & ~self.busy[layer])
-        if free.size:
-            return int(free[0])
-        resident = slots >= 0
-        if not resident.any():
-            return None
-        values = np.where(resident, priority[np.maximum(slots, 0)], np.inf)
-        slot = int(np.argmin(values))
-        return slot if candidate_priority > values[slot] else None
 
     def totals(self) -> LayerCounters:
         total = LayerCounters()
