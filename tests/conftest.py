@@ -88,3 +88,15 @@ def write_gguf(path: Path, arch: str, tensors: list, **hparams) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def budget_for_slots(path: Path, slots: int, ctx: int = 256) -> int:
+    """The VRAM budget (rtx4060-laptop-8gb profile) whose rotary plan holds `slots` experts per layer."""
+    from rotary_gguf.gguf import open_index
+    from rotary_gguf.plan import plan_placement, rotary_scratch_bytes
+    from rotary_gguf.profile import load_profile
+
+    index = open_index(path)
+    fixed = plan_placement(index, load_profile("rtx4060-laptop-8gb"), strategy="experts-on-host", ctx=ctx)
+    per_slot = sum(map(index.slot_bytes, index.moe_layers))
+    return fixed.predicted_vram_bytes + rotary_scratch_bytes(index) + slots * per_slot

@@ -96,3 +96,19 @@ def test_calibrate_errors_are_one_line(calibrated, args, message):
     model, _ = calibrated
     out = CliRunner().invoke(main, ["calibrate", str(model), "--profile", "cpu-only", *args])
     assert out.exit_code == 2 and message in out.stderr and out.stderr.count("\n") == 1
+
+
+def test_plan_predicts_reads_from_calibration(calibrated):
+    from conftest import budget_for_slots
+
+    model, _ = calibrated
+    budget = budget_for_slots(model, 3)
+    out = CliRunner().invoke(main, ["plan", str(model), "--profile", "rtx4060-laptop-8gb", "--placement", "rotary",
+                                    "--vram-budget", f"{budget}B", "--ctx", "256", "--json"])
+    assert out.exit_code == 0, out.output
+    plan = json.loads(out.stdout)
+    cal = load_calibration(open_index(model))[0]
+    slots = plan["expert_slots"]["0"]
+    assert plan["calibrated"] and 0 < slots < 8
+    shares = [sorted(p, reverse=True)[:slots] for p in cal.popularity().values()]
+    assert plan["predicted_device_read_share"] == round(float(np.mean([sum(s) for s in shares])), 4)

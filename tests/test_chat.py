@@ -42,13 +42,9 @@ def test_chat_turns_stats_reset_exit(tiny_model):
 def test_chat_stats_show_rotation(tiny_model):
     import os
 
-    from rotary_gguf.gguf import open_index
-    from rotary_gguf.plan import plan_placement, rotary_scratch_bytes
-    from rotary_gguf.profile import load_profile
+    from conftest import budget_for_slots
 
-    index = open_index(tiny_model)  # a budget that holds 3 of the 8 experts of each layer
-    fixed = plan_placement(index, load_profile("rtx4060-laptop-8gb"), strategy="experts-on-host", ctx=256)
-    budget = fixed.predicted_vram_bytes + rotary_scratch_bytes(index) + 3 * sum(map(index.slot_bytes, index.moe_layers))
+    budget = budget_for_slots(tiny_model, 3)  # 3 of the 8 experts of each layer
     env = {**os.environ, "ROTARY_SCHED_DEVICE": "cpu"}
     child = _spawn(tiny_model, "-n", "24", "--placement", "rotary", "--vram-budget", f"{budget}B", "--ctx", "256",
                    profile="rtx4060-laptop-8gb", env=env)

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import budget_for_slots
 
 from rotary_gguf import runtime
 from rotary_gguf.cli import main
 from rotary_gguf.gguf import open_index
-from rotary_gguf.plan import plan_placement, rotary_scratch_bytes
+from rotary_gguf.plan import plan_placement
 from rotary_gguf.plugin import Plugin, PluginError, plugin_path
 from rotary_gguf.profile import load_profile
 from rotary_gguf.synth import ARCHITECTURES
@@ -194,9 +195,7 @@ def test_rotary_falls_back_to_layer_fill_in_one_line(tiny_model, env, reason):
 
 def test_bench_json_reports_the_rotary_placement(stand_in, wide_arch_models):
     path = wide_arch_models[("qwen3moe", "q8_0")]
-    index = open_index(path)
-    without_slots = plan_placement(index, GPU_PROFILE, strategy="experts-on-host", ctx=256).predicted_vram_bytes
-    budget = without_slots + rotary_scratch_bytes(index) + 3 * sum(index.slot_bytes(i) for i in index.moe_layers)
+    budget = budget_for_slots(path, 3)
     out = CliRunner().invoke(main, ["bench", str(path), "--profile", "rtx4060-laptop-8gb", "--vram-budget",
                                     f"{budget}B", "--ctx", "256", "--prompt-tokens", "32", "--tokens", "16",
                                     "--threads", "2", "--json"])
