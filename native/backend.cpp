@@ -48,14 +48,14 @@ static bool is_view(const ggml_tensor * op) {
 
 static bool supports_op(ggml_backend_dev_t, const ggml_tensor * op) {
     const Scheduler & s = scheduler();
-    if (!s.configured()) {
+    // Expert-FFN nodes are [width, experts used, tokens]: a large prompt batch is left whole to llama.cpp.
+    if (!s.configured() || (s.max_batch > 0 && op->ne[2] > s.max_batch)) {
         return false;
     }
     if (op->op == GGML_OP_MUL_MAT_ID) {
         const ggml_tensor * x = op->src[1];
         return s.tensor_by_name.count(op->src[0]->name) && x->type == GGML_TYPE_F32 && op->type == GGML_TYPE_F32
-               && x->nb[0] == sizeof(float) && (s.max_batch <= 0 || op->ne[2] <= s.max_batch)
-               && ggml_backend_dev_supports_op(s.cpu_dev, op);
+               && x->nb[0] == sizeof(float) && ggml_backend_dev_supports_op(s.cpu_dev, op);
     }
     const int layer = expert_ffn_layer(op->name);
     if (layer < 0 || !s.layers.count(layer)) {

@@ -228,3 +228,21 @@ def test_repacked_host_experts_are_served(stand_in, wide_arch_models):
         else:
             assert _split(model)[1] == 0
             assert np.abs(batch - reference[0]).max() <= 0.05 * np.abs(reference[0]).max()
+
+
+def test_large_prompt_batches_are_left_to_llama_cpp(stand_in, wide_arch_models):
+    """Above the batch threshold (a GPU's: 32) the plugin claims nothing of a batch - not even the
+    activations between the expert matmuls - and decode steps still come to it."""
+    path = wide_arch_models[("qwen3moe", "f32")]
+    reference = _logits(_load(path, "experts-on-host"))
+    model = runtime.load(path, _placement(path, "rotary", 3), n_ctx=256, n_threads=2, rotation={"max_batch": 8})
+    plugin = model.residency.plugin
+    plugin.reset_stats()
+    model.llm.reset()
+    model.llm.eval(PROMPT)
+    assert plugin.stats()["graph_calls"] == 1  # only the last layer, which routes just the logits token
+    batch = runtime.last_logits(model.llm)
+    model.llm.eval([int(np.argmax(batch))])
+    assert plugin.stats()["graph_calls"] == 3  # then one split per MoE layer
+    assert np.abs(batch - reference[0]).max() <= 1e-5
+    assert np.abs(runtime.last_logits(model.llm) - reference[1]).max() <= 1e-5
