@@ -41,22 +41,30 @@ class LayerShape:
 
 
 class Policy:
-    """How valuable an expert of a layer is, after the routing seen so far (higher: keep it)."""
+    """How valuable each expert of each layer is, after the routing seen so far (higher: keep it). State is
+    one [layers, experts] array (layers in sorted order), so one token's update is a few array operations."""
 
     name = ""
 
     def __init__(self, layers: dict[int, LayerShape], prior: dict[int, np.ndarray] | None = None) -> None:
         self.layers = layers
+        self.row = {layer: i for i, layer in enumerate(sorted(layers))}
+        self.width = max((s.n_expert for s in layers.values()), default=1)
 
-    def observe(self, layer: int, ids: np.ndarray, step: int) -> None:
+    def observe_all(self, rows: np.ndarray, ids: np.ndarray, step: int) -> None:
+        """One decoded token: expert ids[i] was selected in layer row rows[i]."""
+        raise NotImplementedError
+
+    def priority_all(self, step: int) -> np.ndarray:
+        """[layers, experts] values at this step."""
         raise NotImplementedError
 
     def observe_prompt(self, layer: int, ids: np.ndarray, step: int) -> None:
         """A request's prompt batch: by default, as if its tokens had been decoded at this step."""
-        self.observe(layer, ids, step)
+        self.observe_all(np.full(len(ids), self.row[layer]), ids, step)
 
     def priority(self, layer: int, step: int) -> np.ndarray:
-        raise NotImplementedError
+        return self.priority_all(step)[self.row[layer], : self.layers[layer].n_expert]
 
 
 class LRU(Policy):
@@ -66,13 +74,13 @@ class LRU(Policy):
 
     def __init__(self, layers: dict[int, LayerShape], prior: dict[int, np.ndarray] | None = None) -> None:
         super().__init__(layers)
-        self.last = {layer: np.full(s.n_expert, -1.0) for layer, s in layers.items()}
+        self.last = np.full((len(layers), self.width), -1.0)
 
-    def observe(self, layer: int, ids: np.ndarray, step: int) -> None:
-        self.last[layer][ids] = step
+    def observe_all(self, rows: np.ndarray, ids: np.ndarray, step: int) -> None:
+        self.last[rows, ids] = step
 
-    def priority(self, layer: int, step: int) -> np.ndarray:
-        return self.last[layer]
+    def priority_all(self, step: int) -> np.ndarray:
+        return self.last
 
 
 class DecayedLFU(Policy):
@@ -83,17 +91,17 @@ class DecayedLFU(Policy):
 
     def __init__(self, layers: dict[int, LayerShape], prior: dict[int, np.ndarray] | None = None) -> None:
         super().__init__(layers)
-        self.score = {layer: np.zeros(s.n_expert) for layer, s in layers.items()}
-        self.step = {layer: 0 for layer in layers}
+        self.score = np.zeros((len(layers), self.width))
+        self.step = np.zeros(len(layers), dtype=np.int64)  # the step each row's scores are decayed to
 
-    def observe(self, layer: int, ids: np.ndarray, step: int) -> None:
-        score = self.score[layer]
-        score *= LFU_DECAY ** (step - self.step[layer])
-        np.add.at(score, ids, 1.0)
-        self.step[layer] = step
+    def observe_all(self, rows: np.ndarray, ids: np.ndarray, step: int) -> None:
+        seen = np.unique(rows)
+        self.score[seen] *= (LFU_DECAY ** (step - self.step[seen]))[:, None]
+        np.add.at(self.score, (rows, ids), 1.0)
+        self.step[seen] = step
 
-    def priority(self, layer: int, step: int) -> np.ndarray:
-        return self.score[layer] * LFU_DECAY ** (step - self.step[layer])
+    def priority_all(self, step: int) -> np.ndarray:
+        return self.score * (LFU_DECAY ** (step - self.step))[:, None]
 
 
 class Hybrid(DecayedLFU):
@@ -105,18 +113,21 @@ class Hybrid(DecayedLFU):
 
     def __init__(self, layers: dict[int, LayerShape], prior: dict[int, np.ndarray] | None = None) -> None:
         super().__init__(layers)
-        self.scale = {layer: HYBRID_PRIOR_WEIGHT * s.n_used / s.n_expert / (1 - LFU_DECAY)
-                      for layer, s in layers.items()}
-        self.calibration = {layer: _unit_mean(prior[layer]) if prior and layer in prior else np.zeros(s.n_expert)
-                            for layer, s in layers.items()}
-        self.request = {layer: np.zeros(s.n_expert) for layer, s in layers.items()}
+        self.scale = np.array([HYBRID_PRIOR_WEIGHT * s.n_used / s.n_expert / (1 - LFU_DECAY)
+                               for _, s in sorted(layers.items())])[:, None]
+        self.calibration = np.zeros((len(layers), self.width))
+        self.request = np.zeros((len(layers), self.width))
+        for layer, s in layers.items():
+            if prior and layer in prior:
+                self.calibration[self.row[layer], : s.n_expert] = _unit_mean(prior[layer])
 
     def observe_prompt(self, layer: int, ids: np.ndarray, step: int) -> None:
         super().observe_prompt(layer, ids, step)
-        self.request[layer] = _unit_mean(np.bincount(ids, minlength=self.layers[layer].n_expert))
+        n = self.layers[layer].n_expert
+        self.request[self.row[layer], :n] = _unit_mean(np.bincount(ids, minlength=n))
 
-    def priority(self, layer: int, step: int) -> np.ndarray:
-        return super().priority(layer, step) + self.scale[layer] * (self.request[layer] + self.calibration[layer])
+    def priority_all(self, step: int) -> np.ndarray:
+        return super().priority_all(step) + self.scale * (self.request + self.calibration)
 
 
 def _unit_mean(values: np.ndarray) -> np.ndarray:
@@ -157,7 +168,9 @@ class LayerCounters:
 class Rotator:
     """The slot tables of every MoE layer and the policy that rotates them (see the module docstring).
 
-    `budget(step)` gives the bytes that may be copied after a decoded token (None: no limit)."""
+    `budget()` gives the bytes that may be copied after a decoded token (None: no limit). The tables are
+    [layers, experts] and [layers, slots] arrays (slots beyond a layer's count are never used);
+    `slot_of[layer]`, `expert_in[layer]` and `busy[layer]` are views of one layer's rows."""
 
     layers: dict[int, LayerShape]
     policy: Policy
@@ -166,9 +179,19 @@ class Rotator:
     step: int = 0
 
     def __post_init__(self) -> None:
-        self.slot_of = {layer: np.full(s.n_expert, -1, dtype=np.int64) for layer, s in self.layers.items()}
-        self.expert_in = {layer: np.full(s.n_slots, -1, dtype=np.int64) for layer, s in self.layers.items()}
-        self.busy = {layer: np.zeros(s.n_slots, dtype=bool) for layer, s in self.layers.items()}  # being copied
+        order = sorted(self.layers)
+        self.row = {layer: i for i, layer in enumerate(order)}
+        width = max((s.n_expert for s in self.layers.values()), default=1)
+        depth = max((s.n_slots for s in self.layers.values()), default=0)
+        self._slot_of = np.full((len(order), width), -1, dtype=np.int64)
+        self._expert_in = np.full((len(order), depth), -1, dtype=np.int64)
+        self._busy = np.zeros((len(order), depth), dtype=bool)  # being copied (or beyond the layer's slots)
+        for layer, s in self.layers.items():
+            self._busy[self.row[layer], s.n_slots:] = True
+        self.slot_of = {layer: self._slot_of[i, : self.layers[layer].n_expert] for layer, i in self.row.items()}
+        self.expert_in = {layer: self._expert_in[i, : self.layers[layer].n_slots] for layer, i in self.row.items()}
+        self.busy = {layer: self._busy[i, : self.layers[layer].n_slots] for layer, i in self.row.items()}
+        self._slot_bytes = [self.layers[layer].slot_bytes for layer in order]
         self.pending: list[tuple[int, int, int]] = []  # (layer, expert, slot) being copied
         self.counters = {layer: LayerCounters() for layer in self.layers}
         self.copied_per_token: list[int] = []
@@ -197,84 +220,89 @@ class Rotator:
     def after_token(self, routing: dict[int, np.ndarray]) -> None:
         """Count the token's hits, commit the previous token's copies, admit this token's misses."""
         self.step += 1
-        for layer, ids in routing.items():
-            hit = int(np.count_nonzero(self.slot_of[layer][ids] >= 0))
+        layers = sorted(routing)
+        counts = [len(routing[layer]) for layer in layers]
+        rows = np.repeat([self.row[layer] for layer in layers], counts)
+        ids = np.concatenate([routing[layer] for layer in layers]) if layers else np.empty(0, np.int64)
+        hits = np.bincount(rows, weights=self._slot_of[rows, ids] >= 0, minlength=len(self.row))
+        for layer, n in zip(layers, counts, strict=True):
+            hit = int(hits[self.row[layer]])
             self.counters[layer].hits += hit
-            self.counters[layer].misses += len(ids) - hit
+            self.counters[layer].misses += n - hit
         self._commit()
-        for layer, ids in routing.items():
-            self.policy.observe(layer, ids, self.step)
-        self._admit(routing)
+        self.policy.observe_all(rows, ids, self.step)
+        self._admit(layers, rows, ids)
 
     def _commit(self) -> None:
         self.backend.commit()
-        for layer, expert, slot in self.pending:
-            self.slot_of[layer][expert] = slot
-            self.expert_in[layer][slot] = expert
-            self.busy[layer][slot] = False
+        if self.pending:
+            layer_rows = [self.row[layer] for layer, _, _ in self.pending]
+            experts = [expert for _, expert, _ in self.pending]
+            slots = [slot for _, _, slot in self.pending]
+            self._slot_of[layer_rows, experts] = slots
+            self._expert_in[layer_rows, slots] = experts
+            self._busy[layer_rows, slots] = False
         self.pending = []
 
-    def _candidates(self, routing: dict[int, np.ndarray],
-                    priorities: dict[int, np.ndarray]) -> list[tuple[float, int, int, int]]:
-        """(-priority, fairness, layer, expert) of each missed expert of a layer with slots, best first."""
-        found = []
-        n_layers = max(1, len(self.layers))
-        for rank, (layer, ids) in enumerate(sorted(routing.items())):
-            if self.layers[layer].n_slots == 0:
-                continue
-            missed = ids[self.slot_of[layer][ids] < 0]
-            if not missed.size:
-                continue
-            priority = priorities[layer] = self.policy.priority(layer, self.step)
-            fairness = (rank - self.step) % n_layers
-            found += [(-float(priority[e]), fairness, layer, e) for e in dict.fromkeys(missed.tolist())]
-        found.sort()
-        return found
+    def _candidates(self, layers: list[int], rows: np.ndarray, ids: np.ndarray,
+                    priority: np.ndarray) -> list[tuple[int, int]]:
+        """(row, expert) of each missed expert of a layer with slots, best first: by priority, then by a
+        rotating layer order (so no layer is always first to the budget), then layer and expert."""
+        with_slots = np.array([self.layers[layer].n_slots > 0 for layer in layers], dtype=bool)
+        rank = np.full(len(self.row), 0)
+        rank[[self.row[layer] for layer in layers]] = np.arange(len(layers))
+        keep = (self._slot_of[rows, ids] < 0) & with_slots[rank[rows]] if len(ids) else np.zeros(0, bool)
+        pairs = np.unique(rows[keep] * priority.shape[1] + ids[keep])
+        c_rows, c_ids = pairs // priority.shape[1], pairs % priority.shape[1]
+        fairness = (rank[c_rows] - self.step) % max(1, len(self.layers))
+        order = np.lexsort((c_ids, c_rows, fairness, -priority[c_rows, c_ids]))
+        return list(zip(c_rows[order].tolist(), c_ids[order].tolist(), strict=True))
 
-    def _victims(self, layer: int, priority: np.ndarray) -> tuple[list[int], list[float]]:
-        """The layer's slots in the order they give way: empty ones first (lowest slot first), then
+    def _victims(self, priority: np.ndarray) -> tuple[list[list[int]], list[list[float]]]:
+        """Every layer's slots in the order they give way: empty ones first (lowest slot first), then
         residents from the least valued; slots being copied never."""
-        slots = self.expert_in[layer]
-        values = np.where(slots >= 0, priority[np.maximum(slots, 0)], -np.inf)
-        values[self.busy[layer]] = np.inf
-        order = np.argsort(values, kind="stable")
-        return order.tolist(), values[order].tolist()
+        slots = self._expert_in
+        values = np.where(slots >= 0, np.take_along_axis(priority, np.maximum(slots, 0), axis=1), -np.inf)
+        values[self._busy] = np.inf
+        order = np.argsort(values, axis=1, kind="stable")
+        return order.tolist(), np.take_along_axis(values, order, axis=1).tolist()
 
-    def _admit(self, routing: dict[int, np.ndarray]) -> None:
+    def _admit(self, layers: list[int], rows: np.ndarray, ids: np.ndarray) -> None:
         """Admit candidates best first while the budget lasts; each takes its layer's next slot to give way
         if it is worth more than what that slot holds (else the layer takes no more this token)."""
         budget = self.budget()
+        priority = self.policy.priority_all(self.step)
+        candidates = self._candidates(layers, rows, ids, priority)
         copied = 0
         admitted: dict[int, tuple[list[int], list[int]]] = {}
-        priorities: dict[int, np.ndarray] = {}
-        victims: dict[int, tuple[list[int], list[float]]] = {}
-        taken: dict[int, int] = {}
-        closed: set[int] = set()
-        for neg_priority, _, layer, expert in self._candidates(routing, priorities):
-            shape = self.layers[layer]
-            if layer in closed or (budget is not None and copied + shape.slot_bytes > budget):
-                continue
-            if layer not in victims:
-                victims[layer] = self._victims(layer, priorities[layer])
-            order, values = victims[layer]
-            k = taken.get(layer, 0)
-            if k >= len(order) or not -neg_priority > values[k]:
-                closed.add(layer)
-                continue
-            slot, taken[layer] = order[k], k + 1
-            victim = int(self.expert_in[layer][slot])
-            if victim >= 0:
-                self.slot_of[layer][victim] = -1
-                self.counters[layer].evictions += 1
-            self.expert_in[layer][slot] = -1
-            self.busy[layer][slot] = True
-            self.pending.append((layer, expert, slot))
-            experts, slots = admitted.setdefault(layer, ([], []))
-            experts.append(expert)
-            slots.append(slot)
-            copied += shape.slot_bytes
-            self.counters[layer].admissions += 1
-            self.counters[layer].bytes_copied += shape.slot_bytes
+        if candidates:
+            order, values = self._victims(priority)
+            taken = [0] * len(self.row)
+            closed: set[int] = set()
+            layer_of = sorted(self.layers)
+            for row, expert in candidates:
+                size = self._slot_bytes[row]
+                if row in closed or (budget is not None and copied + size > budget):
+                    continue
+                k = taken[row]
+                if k >= len(order[row]) or not priority[row, expert] > values[row][k]:
+                    closed.add(row)
+                    continue
+                slot, taken[row] = order[row][k], k + 1
+                layer = layer_of[row]
+                victim = int(self._expert_in[row, slot])
+                if victim >= 0:
+                    self._slot_of[row, victim] = -1
+                    self.counters[layer].evictions += 1
+                self._expert_in[row, slot] = -1
+                self._busy[row, slot] = True
+                self.pending.append((layer, expert, slot))
+                experts, slots = admitted.setdefault(layer, ([], []))
+                experts.append(expert)
+                slots.append(slot)
+                copied += size
+                self.counters[layer].admissions += 1
+                self.counters[layer].bytes_copied += size
         for layer, (experts, slots) in admitted.items():
             self.backend.admit(layer, experts, slots)
         self.copied_per_token.append(copied)
