@@ -46,6 +46,7 @@ def _write(tmp_path, **changes):
     ({"bandwidth": {"gpu_memory_gbs": 1, "host_ram_gbs": 1}}, "missing key 'pcie_gbs'"),
     ({"flash_attention": "yes"}, "key 'flash_attention': expected true or false"),
     ({"description": None}, "missing key 'description'"),
+    ({"rotation_policy": "fifo"}, "key 'rotation_policy': 'fifo' is not one of lru, lfu, hybrid"),
 ])
 def test_schema_errors_name_file_and_key(tmp_path, changes, message):
     path = _write(tmp_path, **changes)

@@ -124,3 +124,13 @@ def test_replay_substitutes_the_traces_routing(stand_in, wide_arch_models, tmp_p
         # The last layer of the prompt routes only the token that needs logits; earlier layers all 16.
         assert np.array_equal(recorded[:len(recorded) - 16 if layer else len(recorded)],
                               replayed[:len(recorded) - 16 if layer else len(recorded)])
+
+
+def test_trace_show_and_plugin_status(stand_in, tmp_path):
+    runner = CliRunner()
+    write_trace(tmp_path / "t.rtrc", synthetic_trace(layers=2, n_expert=8, n_used=2, requests=1, decode_tokens=5))
+    shown = json.loads(runner.invoke(main, ["trace", "show", str(tmp_path / "t.rtrc")]).stdout)
+    assert shown["synthetic"] and shown["decode_steps"] == 5 and shown["n_expert"] == 8
+    status = runner.invoke(main, ["plugin", "status"])
+    assert status.exit_code == 0 and "rotary-sched 1; llama-cpp-python 0.3.36" in status.output
+    assert "slots on CPU" in status.output
