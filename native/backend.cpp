@@ -75,6 +75,57 @@ static ggml_status compute_on_host(ggml_cgraph * graph, int first, int end) {
     return ggml_backend_graph_compute(scheduler().host.backend, &view);
 }
 
+static bool computes(const ggml_tensor * node) {
+    return (node->flags & GGML_TENSOR_FLAG_COMPUTE) && node->op != GGML_OP_NONE && !is_view(node);
+}
+
+// The expert FFN of a MoE block as llama.cpp builds it (build_moe_ffn): from node `first` (a MUL_MAT_ID),
+// the computing nodes are exactly two matmuls of one input and ids, an activation of both, and the down
+// matmul of the activation. Returns the down node's index, or -1 for any other shape (biases, scales,
+// fused gate_up): those run one matmul at a time.
+static int expert_ffn_end(const Scheduler & s, ggml_cgraph * graph, int first) {
+    const ggml_tensor * found[4];
+    int n = 0, end = -1;
+    for (int i = first; i < graph->n_nodes && n < 4; i++) {
+        if (computes(graph->nodes[i])) {
+            found[n++] = graph->nodes[i];
+            end = i;
+        }
+    }
+    if (n < 4) {
+        return -1;
+    }
+    const ggml_tensor *a = found[0], *b = found[1], *glu = found[2], *down = found[3];
+    const bool shape = b->op == GGML_OP_MUL_MAT_ID && down->op == GGML_OP_MUL_MAT_ID && glu->op == GGML_OP_GLU
+                       && a->src[1] == b->src[1] && a->src[2] == b->src[2] && down->src[2] == a->src[2]
+                       && down->src[1] == glu && ((glu->src[0] == a && glu->src[1] == b)
+                                                 || (glu->src[0] == b && glu->src[1] == a));
+    const int ia = shape ? const_cast<Scheduler &>(s).bind(a->src[0]) : -1;
+    const int ib = shape ? const_cast<Scheduler &>(s).bind(b->src[0]) : -1;
+    const int id = shape ? const_cast<Scheduler &>(s).bind(down->src[0]) : -1;
+    return ia >= 0 && ib >= 0 && id >= 0 ? end : -1;
+}
+
+// The chains of one block (or one lone matmul) for the device, from the slots, and for the host.
+static void make_chains(Scheduler & s, ggml_tensor * first, ggml_tensor * down, Chain & on_device, Chain & on_host) {
+    on_device = {};
+    on_host = {};
+    on_device.out = on_host.out = down;
+    on_device.w_out = s.slots_of(down);
+    on_host.w_out = down->src[0];
+    if (first == down) {
+        on_device.input = on_host.input = down->src[1];
+        return;
+    }
+    const ggml_tensor * glu = down->src[1];
+    on_device.input = on_host.input = first->src[1];
+    on_device.glu = on_host.glu = glu;
+    on_device.w_glu0 = s.slots_of(glu->src[0]);
+    on_device.w_glu1 = s.slots_of(glu->src[1]);
+    on_host.w_glu0 = glu->src[0]->src[0];
+    on_host.w_glu1 = glu->src[1]->src[0];
+}
+
 static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
     Scheduler & s = scheduler();
     s.graph_calls++;
@@ -93,20 +144,27 @@ static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
         if (!layer.replay.empty() && layer.replay_call != s.compute_serial) {
             s.replay(node->src[2], layer);
         }
-        if (s.tensors[index].counts_routing) {
+        const int end = layer.n_resident ? expert_ffn_end(s, graph, i) : -1;
+        ggml_tensor * down = end >= 0 ? graph->nodes[end] : node;
+        const int down_index = end >= 0 ? s.bind(down->src[0]) : index;
+        if (s.tensors[down_index].counts_routing) {
             s.count(node->src[2], layer);
         }
         if (layer.n_resident == 0) {
             continue;  // every pair on the host: the node stays in the host run
         }
+        Chain on_device, on_host;
+        make_chains(s, node, down, on_device, on_host);
+        const int last = end >= 0 ? end : i;
         ggml_status status = compute_on_host(graph, first, i);
-        if (status == GGML_STATUS_SUCCESS && !s.compute_expert_matmul(node, index)) {
-            status = compute_on_host(graph, i, i + 1);  // a worker refused: the whole node on the host
+        if (status == GGML_STATUS_SUCCESS && !s.compute_pairs(on_device, on_host, node->src[2], layer)) {
+            status = compute_on_host(graph, i, last + 1);  // a worker refused: the nodes on the host as they are
         }
         if (status != GGML_STATUS_SUCCESS) {
             return status;
         }
-        first = i + 1;
+        first = last + 1;
+        i = last;
     }
     return compute_on_host(graph, first, graph->n_nodes);
 }

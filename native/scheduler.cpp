@@ -25,7 +25,7 @@ int layer_of(const char * name) {
 void Worker::init(ggml_backend_t b) {
     backend = b;
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(b));
-    meta_.resize(ggml_tensor_overhead() * 8 + ggml_graph_overhead_custom(8, false));
+    meta_.resize(ggml_tensor_overhead() * 16 + ggml_graph_overhead_custom(16, false));
 }
 
 void Worker::release() {
@@ -39,8 +39,8 @@ size_t Worker::scratch_bytes() const {
     return galloc_ ? ggml_gallocr_get_buffer_size(galloc_, 0) : 0;
 }
 
-bool Worker::launch(ggml_tensor * matrices, const ggml_tensor * node, const Pairs & pairs) {
-    const ggml_tensor * src1 = node->src[1];
+bool Worker::launch(const Chain & chain, const Pairs & pairs) {
+    const ggml_tensor * src1 = chain.input;
     const int64_t k = src1->ne[0];
     const int64_t n = (int64_t) pairs.size();
     rows_.resize(k * n);
@@ -55,12 +55,23 @@ bool Worker::launch(ggml_tensor * matrices, const ggml_tensor * node, const Pair
     ggml_tensor * ids = ggml_new_tensor_2d(ctx_, GGML_TYPE_I32, 1, n);
     ggml_set_input(input);
     ggml_set_input(ids);
-    out_ = ggml_mul_mat_id(ctx_, matrices, input, ids);
+    ggml_tensor * rows = input;
+    if (chain.glu) {
+        ggml_tensor * a = ggml_mul_mat_id(ctx_, chain.w_glu0, input, ids);
+        ggml_tensor * b = ggml_mul_mat_id(ctx_, chain.w_glu1, input, ids);
+        rows = ggml_glu_split(ctx_, a, b, (ggml_glu_op) chain.glu->op_params[0]);
+        std::memcpy(rows->op_params, chain.glu->op_params, sizeof(rows->op_params));  // swapped, alpha, limit
+    }
+    out_ = ggml_mul_mat_id(ctx_, chain.w_out, rows, ids);
     ggml_set_output(out_);
-    ggml_cgraph * graph = ggml_new_graph_custom(ctx_, 8, false);
+    ggml_cgraph * graph = ggml_new_graph_custom(ctx_, 16, false);
     ggml_build_forward_expand(graph, out_);
     // A type the device cannot multiply, or repacked weights whose kernels refuse this shape.
-    if (!ggml_backend_supports_op(backend, out_) || !ggml_gallocr_alloc_graph(galloc_, graph)) {
+    bool supported = ggml_backend_supports_op(backend, out_);
+    for (int i = 0; i < ggml_graph_n_nodes(graph); i++) {
+        supported = supported && ggml_backend_supports_op(backend, ggml_graph_node(graph, i));
+    }
+    if (!supported || !ggml_gallocr_alloc_graph(galloc_, graph)) {
         ggml_free(ctx_);
         ctx_ = nullptr;
         return false;
@@ -152,11 +163,15 @@ void Scheduler::count(const ggml_tensor * ids, Layer & layer) {
     }
 }
 
-// Returns false when the host worker refuses its part (the caller then computes the whole node on the host).
-bool Scheduler::compute_expert_matmul(ggml_tensor * node, int tensor_index) {
-    const ExpertTensor & t = tensors[tensor_index];
-    const Layer & layer = layers.at(t.layer);
-    const ggml_tensor * ids = node->src[2];
+ggml_tensor * Scheduler::slots_of(const ggml_tensor * node) {
+    return tensors[bind(node->src[0])].slots;
+}
+
+// Divides the pairs of one MoE block between the device (resident experts, through the slots) and the
+// host (the model's matrices), runs both chains at once and writes the output rows. Returns false when
+// the host worker refuses its part (the caller then computes the nodes on the host as they are).
+bool Scheduler::compute_pairs(const Chain & on_device_chain, const Chain & on_host_chain, const ggml_tensor * ids,
+                              const Layer & layer) {
     Pairs on_device, on_host;
     for (int64_t tok = 0; tok < ids->ne[1]; tok++) {
         for (int64_t s = 0; s < ids->ne[0]; s++) {
@@ -170,18 +185,18 @@ bool Scheduler::compute_expert_matmul(ggml_tensor * node, int tensor_index) {
         }
     }
     split_matmuls++;
-    const bool device_running = on_device.size() && device.launch(t.slots, node, on_device);
+    const bool device_running = on_device.size() && device.launch(on_device_chain, on_device);
     if (on_device.size() && !device_running) {
         for (size_t p = 0; p < on_device.size(); p++) {  // the device refused: its pairs go to the host
             on_host.add(on_device.slot[p], on_device.token[p], layer.expert_in_slot[on_device.id[p]]);
         }
     }
-    const bool host_done = !on_host.size() || host.launch(node->src[0], node, on_host);
+    const bool host_done = !on_host.size() || host.launch(on_host_chain, on_host);
     if (on_host.size() && host_done) {
-        host.finish(node, on_host);
+        host.finish(on_host_chain.out, on_host);
     }
     if (device_running) {
-        device.finish(node, on_device);
+        device.finish(on_device_chain.out, on_device);
     }
     return host_done;
 }

@@ -95,13 +95,25 @@ struct Pairs {
     size_t size() const { return id.size(); }
 };
 
-// Computes a subset of a MUL_MAT_ID's pairs on one backend: gathers their input rows, runs a
-// MUL_MAT_ID over a matrix stack (the model's or the slots), and scatters the rows back.
+// What one worker runs over gathered (token, expert) pairs: one expert matmul, or a whole expert FFN -
+// two matmuls on the same input (gate and up), the activation node between them, and the down matmul -
+// so that a device keeps the intermediates and sees one upload and one download per MoE block.
+struct Chain {
+    ggml_tensor * out = nullptr;          // the MUL_MAT_ID node whose rows are produced (down)
+    const ggml_tensor * input = nullptr;  // where the pairs' input rows come from
+    ggml_tensor * w_out = nullptr;        // matrices for `out` (the model's, or the slots)
+    const ggml_tensor * glu = nullptr;    // the activation node to reproduce (chained only)
+    ggml_tensor * w_glu0 = nullptr;       // matrices of the matmul feeding glu->src[0]
+    ggml_tensor * w_glu1 = nullptr;       // ... and glu->src[1]
+};
+
+// Computes a subset of the pairs on one backend: gathers their input rows, runs the chain over a
+// matrix stack (the model's or the slots), and scatters the output rows back.
 class Worker {
   public:
     void init(ggml_backend_t backend);
     void release();
-    bool launch(ggml_tensor * matrices, const ggml_tensor * node, const Pairs & pairs);
+    bool launch(const Chain & chain, const Pairs & pairs);
     void finish(ggml_tensor * node, const Pairs & pairs);
     size_t scratch_bytes() const;
     ggml_backend_t backend = nullptr;
@@ -138,7 +150,8 @@ struct Scheduler {
     bool configured() const { return !tensors.empty(); }
     void reset();
     int bind(const ggml_tensor * weights);
-    bool compute_expert_matmul(ggml_tensor * node, int tensor_index);
+    bool compute_pairs(const Chain & on_device, const Chain & on_host, const ggml_tensor * ids, const Layer & layer);
+    ggml_tensor * slots_of(const ggml_tensor * node);
     void count(const ggml_tensor * ids, Layer & layer);
     void replay(ggml_tensor * ids, Layer & layer);
     void commit();

@@ -246,3 +246,14 @@ def test_large_prompt_batches_are_left_to_llama_cpp(stand_in, wide_arch_models):
     assert plugin.stats()["graph_calls"] == 3  # then one split per MoE layer
     assert np.abs(batch - reference[0]).max() <= 1e-5
     assert np.abs(runtime.last_logits(model.llm) - reference[1]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("arch, per_block", [("qwen3moe", 1), ("llama", 1), ("olmoe", 1), ("gpt-oss", 3)])
+def test_expert_ffn_runs_as_one_chain(stand_in, wide_arch_models, arch, per_block):
+    """gate, up, activation and down of the resident pairs run as one chain (one upload, one download per
+    block on a GPU); gpt-oss's biased experts fall back to one matmul at a time."""
+    model = _load(wide_arch_models[(arch, "q8_0")], "rotary", 3)
+    model.residency.plugin.reset_stats()
+    model.llm.reset()
+    model.llm.eval(PROMPT)
+    assert model.residency.plugin.stats()["split_matmuls"] == 2 * per_block
