@@ -50,18 +50,6 @@ void unmap_file(MappedFile & file) {
     file.base = nullptr;
 }
 
-static void free_slots(Layer & layer) {
-    ggml_backend_buffer_free(layer.buffer);
-    if (layer.ctx) {
-        ggml_free(layer.ctx);
-    }
-    layer.buffer = nullptr;
-    layer.ctx = nullptr;
-    layer.slot_of_expert.assign(layer.n_expert, -1);
-    layer.expert_in_slot.clear();
-    layer.n_resident = 0;
-}
-
 }  // namespace rotary
 
 using namespace rotary;
@@ -131,16 +119,16 @@ int rotary_sched_add_tensor(const char * name, int file, uint64_t offset, uint64
 
 int rotary_sched_set_slots(int layer, int n_slots) {
     Scheduler & s = scheduler();
-    auto found = s.layers.find(layer);
-    if (found == s.layers.end()) {
-        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    Layer * found = find_layer(layer);
+    if (!found) {
+        return -1;
     }
     if (!s.registered) {
         return fail("the scheduler is not registered");
     }
     s.commit();
-    Layer & l = found->second;
-    free_slots(l);
+    Layer & l = *found;
+    l.free_slots();
     if (n_slots <= 0) {
         return 0;
     }
@@ -154,7 +142,7 @@ int rotary_sched_set_slots(int layer, int n_slots) {
     }
     l.buffer = ggml_backend_alloc_ctx_tensors_from_buft(l.ctx, ggml_backend_dev_buffer_type(s.slot_dev));
     if (!l.buffer) {
-        free_slots(l);
+        l.free_slots();
         return fail("cannot allocate " + std::to_string(n_slots) + " expert slots of layer " + std::to_string(layer)
                     + " on " + ggml_backend_dev_name(s.slot_dev));
     }
@@ -164,12 +152,12 @@ int rotary_sched_set_slots(int layer, int n_slots) {
 
 int rotary_sched_set_resident(int layer, const int32_t * experts, int n_experts) {
     Scheduler & s = scheduler();
-    auto found = s.layers.find(layer);
-    if (found == s.layers.end()) {
-        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    Layer * found = find_layer(layer);
+    if (!found) {
+        return -1;
     }
     s.commit();
-    Layer & l = found->second;
+    Layer & l = *found;
     if (n_experts < 0 || n_experts > (int) l.expert_in_slot.size()) {
         return fail("layer " + std::to_string(layer) + ": " + std::to_string(n_experts) + " experts for "
                     + std::to_string(l.expert_in_slot.size()) + " slots");
@@ -205,12 +193,11 @@ void rotary_sched_set_max_batch(int n_tokens) {
 }
 
 int rotary_sched_layer_stats(int layer, uint64_t * out, uint64_t * counts, int n_expert) {
-    Scheduler & s = scheduler();
-    auto found = s.layers.find(layer);
-    if (found == s.layers.end()) {
-        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    Layer * found = find_layer(layer);
+    if (!found) {
+        return -1;
     }
-    const Layer & l = found->second;
+    const Layer & l = *found;
     out[0] = l.device_pairs;
     out[1] = l.host_pairs;
     out[2] = l.admissions;
@@ -250,12 +237,11 @@ void rotary_sched_set_recording(int on) {
 }
 
 int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity) {
-    Scheduler & s = scheduler();
-    auto found = s.layers.find(layer);
-    if (found == s.layers.end()) {
-        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    Layer * found = find_layer(layer);
+    if (!found) {
+        return -1;
     }
-    std::vector<int32_t> & routing = found->second.routing;
+    std::vector<int32_t> & routing = found->routing;
     if (!out) {
         return (int64_t) routing.size();
     }
@@ -267,11 +253,11 @@ int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity) {
 
 int rotary_sched_admit(int layer, const int32_t * experts, const int32_t * slots, int n) {
     Scheduler & s = scheduler();
-    auto found = s.layers.find(layer);
-    if (found == s.layers.end()) {
-        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    Layer * found = find_layer(layer);
+    if (!found) {
+        return -1;
     }
-    Layer & l = found->second;
+    Layer & l = *found;
     for (int k = 0; k < n; k++) {
         const int32_t e = experts[k], slot = slots[k];
         const bool pending = std::any_of(s.pending.begin(), s.pending.end(), [&](const CopyJob & job) {
@@ -301,12 +287,11 @@ void rotary_sched_commit(void) {
 }
 
 int rotary_sched_set_replay(int layer, const int32_t * ids, int64_t n) {
-    Scheduler & s = scheduler();
-    auto found = s.layers.find(layer);
-    if (found == s.layers.end()) {
-        return fail("layer " + std::to_string(layer) + " has no configured expert tensors");
+    Layer * found = find_layer(layer);
+    if (!found) {
+        return -1;
     }
-    Layer & l = found->second;
+    Layer & l = *found;
     for (int64_t i = 0; i < n; i++) {
         if (ids[i] < 0 || ids[i] >= l.n_expert) {
             return fail("layer " + std::to_string(layer) + ": replayed expert " + std::to_string(ids[i])

@@ -83,7 +83,7 @@ static bool computes(const ggml_tensor * node) {
 // the computing nodes are exactly two matmuls of one input and ids, an activation of both, and the down
 // matmul of the activation. Returns the down node's index, or -1 for any other shape (biases, scales,
 // fused gate_up): those run one matmul at a time.
-static int expert_ffn_end(const Scheduler & s, ggml_cgraph * graph, int first) {
+static int expert_ffn_end(Scheduler & s, ggml_cgraph * graph, int first) {
     const ggml_tensor * found[4];
     int n = 0, end = -1;
     for (int i = first; i < graph->n_nodes && n < 4; i++) {
@@ -100,9 +100,9 @@ static int expert_ffn_end(const Scheduler & s, ggml_cgraph * graph, int first) {
                        && a->src[1] == b->src[1] && a->src[2] == b->src[2] && down->src[2] == a->src[2]
                        && down->src[1] == glu && ((glu->src[0] == a && glu->src[1] == b)
                                                  || (glu->src[0] == b && glu->src[1] == a));
-    const int ia = shape ? const_cast<Scheduler &>(s).bind(a->src[0]) : -1;
-    const int ib = shape ? const_cast<Scheduler &>(s).bind(b->src[0]) : -1;
-    const int id = shape ? const_cast<Scheduler &>(s).bind(down->src[0]) : -1;
+    const int ia = shape ? s.bind(a->src[0]) : -1;
+    const int ib = shape ? s.bind(b->src[0]) : -1;
+    const int id = shape ? s.bind(down->src[0]) : -1;
     return ia >= 0 && ib >= 0 && id >= 0 ? end : -1;
 }
 

@@ -95,13 +95,31 @@ void Worker::finish(ggml_tensor * node, const Pairs & pairs) {
     ctx_ = nullptr;
 }
 
+void Layer::free_slots() {
+    ggml_backend_buffer_free(buffer);
+    if (ctx) {
+        ggml_free(ctx);
+    }
+    buffer = nullptr;
+    ctx = nullptr;
+    slot_of_expert.assign(n_expert, -1);
+    expert_in_slot.clear();
+    n_resident = 0;
+}
+
+Layer * find_layer(int layer) {
+    auto found = scheduler().layers.find(layer);
+    if (found == scheduler().layers.end()) {
+        set_error("layer " + std::to_string(layer) + " has no configured expert tensors");
+        return nullptr;
+    }
+    return &found->second;
+}
+
 void Scheduler::reset() {
     commit();
     for (auto & entry : layers) {
-        ggml_backend_buffer_free(entry.second.buffer);
-        if (entry.second.ctx) {
-            ggml_free(entry.second.ctx);
-        }
+        entry.second.free_slots();
     }
     for (auto & file : files) {
         unmap_file(file);
@@ -146,7 +164,7 @@ int Scheduler::bind(const ggml_tensor * w) {
 void Scheduler::count(const ggml_tensor * ids, Layer & layer) {
     for (int64_t t = 0; t < ids->ne[1]; t++) {
         for (int64_t s = 0; s < ids->ne[0]; s++) {
-            const int32_t e = *(const int32_t *) ((const char *) ids->data + t * ids->nb[1] + s * ids->nb[0]);
+            const int32_t e = id_at(ids, t, s);
             if (e < 0 || e >= layer.n_expert) {
                 continue;
             }
@@ -175,7 +193,7 @@ bool Scheduler::compute_pairs(const Chain & on_device_chain, const Chain & on_ho
     Pairs on_device, on_host;
     for (int64_t tok = 0; tok < ids->ne[1]; tok++) {
         for (int64_t s = 0; s < ids->ne[0]; s++) {
-            const int32_t e = *(const int32_t *) ((const char *) ids->data + tok * ids->nb[1] + s * ids->nb[0]);
+            const int32_t e = id_at(ids, tok, s);
             const int32_t slot = (e >= 0 && e < layer.n_expert) ? layer.slot_of_expert[e] : -1;
             if (slot >= 0) {
                 on_device.add((int32_t) s, (int32_t) tok, slot);
@@ -206,7 +224,7 @@ bool Scheduler::compute_pairs(const Chain & on_device_chain, const Chain & on_ho
 void Scheduler::replay(ggml_tensor * ids, Layer & layer) {
     for (int64_t t = 0; t < ids->ne[1]; t++) {
         for (int64_t s = 0; s < ids->ne[0]; s++) {
-            *(int32_t *) ((char *) ids->data + t * ids->nb[1] + s * ids->nb[0]) = layer.replay[layer.replay_cursor];
+            id_at(ids, t, s) = layer.replay[layer.replay_cursor];
             layer.replay_cursor = (layer.replay_cursor + 1) % layer.replay.size();
         }
     }

@@ -54,7 +54,14 @@ struct Layer {
     std::vector<int32_t> replay;          // ids substituted for the router's (bench only)
     size_t replay_cursor = 0;
     uint64_t replay_call = 0;             // the graph_compute call that last substituted
+
+    void free_slots();  // the slot buffer and its tensors; every expert back to the host
 };
+
+// Expert id of selection `slot` of token `token` in a MUL_MAT_ID's ids tensor (I32, strided).
+inline int32_t & id_at(const ggml_tensor * ids, int64_t token, int64_t slot) {
+    return *(int32_t *) ((char *) ids->data + token * ids->nb[1] + slot * ids->nb[0]);
+}
 
 // One expert block to bring into a slot, in the background.
 struct CopyJob {
@@ -159,6 +166,7 @@ struct Scheduler {
 };
 
 Scheduler & scheduler();
+Layer * find_layer(int layer);  // nullptr, with the error set, when the layer has no configured tensors
 bool map_file(const std::string & path, MappedFile & file);
 void unmap_file(MappedFile & file);
 void set_error(const std::string & message);
