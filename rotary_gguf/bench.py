@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,23 +94,16 @@ def bench_placement(path: Path, placement: Placement, profile: Profile, *, promp
             writer = TraceWriter(rotary.trace_out, TraceHeader.for_model(open_index(path), "rotary bench"))
     rotation = runtime.rotation_options(profile, policy=rotary.policy, budget_bytes=rotary.budget_bytes,
                                         trace=writer) | {"replay": replay}
-    try:
-        with PeakSampler() as peak:
-            model = runtime.load(path, placement, rotation=rotation,
-                                 **runtime.context_options(placement, profile, threads=threads, repack=repack))
-            try:
-                ids = prompt_ids(model.llm, prompt_tokens)
-                generation = runtime.generate_ids(model.llm, ids, decode_tokens, ignore_eos=True,
-                                                  residency=model.residency)
-                stats = rotary_stats(model.residency) if model.residency else None
-            finally:
-                model.llm.close()
-    except BaseException:
-        if writer:
-            writer.discard()
-        raise
-    if writer:
-        writer.close()
+    with writer or contextlib.nullcontext(), PeakSampler() as peak:
+        model = runtime.load(path, placement, rotation=rotation,
+                             **runtime.context_options(placement, profile, threads=threads, repack=repack))
+        try:
+            ids = prompt_ids(model.llm, prompt_tokens)
+            generation = runtime.generate_ids(model.llm, ids, decode_tokens, ignore_eos=True,
+                                              residency=model.residency)
+            stats = rotary_stats(model.residency) if model.residency else None
+        finally:
+            model.llm.close()
     if stats is not None:
         kind = "synthetic" if replay and replay.header.synthetic else "recorded"
         stats["routing"] = (f"replayed from {rotary.replay.name} ({kind} trace; outputs are not the model's)"

@@ -114,6 +114,16 @@ class TraceWriter:
         self._file.close()
         self._part.unlink(missing_ok=True)
 
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, failure: type[BaseException] | None, *_: object) -> None:
+        """Keep the trace when the block completed, discard it when it raised (Ctrl-C included)."""
+        if failure is None:
+            self.close()
+        else:
+            self.discard()
+
 
 def _header(path: Path, data: bytes, flags: int) -> TraceHeader:
     try:
@@ -214,10 +224,10 @@ def synthetic_trace(layers: int = 48, n_expert: int = 128, n_used: int = 8, *, r
 
 
 def write_trace(path: str | os.PathLike[str], trace: Trace) -> Path:
-    writer = TraceWriter(path, trace.header)
-    for phase, routing in trace.steps:
-        writer.write_step(phase, routing)
-    return writer.close()
+    with TraceWriter(path, trace.header) as writer:
+        for phase, routing in trace.steps:
+            writer.write_step(phase, routing)
+    return writer.path
 
 
 def lru_reference_hit_rate(trace: Trace, slots: int) -> float:
