@@ -9,6 +9,7 @@ left beside a changed model is detected; rotary-aware GGUFs carry the same popul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 from rotary_gguf.plan import plan_placement
 from rotary_gguf.profile import Profile
+from rotary_gguf.report import pyplot, save_png
 from rotary_gguf.trace import TraceHeader, TraceWriter
 
 SIDECAR_FORMAT = "rotary-calibration"
@@ -132,7 +134,7 @@ def calibrate(path: Path, index: ModelIndex, profile: Profile, *, prompts_file: 
     # No per-token work unless a trace is asked for: the plugin's own counters, read at each phase's end.
     rotation = {"trace": writer, "rotate": False, "device_fallback": "cpu", "max_batch": 0}
     n_prompt = n_generated = 0
-    try:
+    with writer or contextlib.nullcontext():
         model = runtime.load(path, placement, rotation=rotation,
                              **runtime.context_options(placement, profile, threads=threads))
         phases = _PhaseCounts(model.residency, counts)
@@ -146,12 +148,6 @@ def calibrate(path: Path, index: ModelIndex, profile: Profile, *, prompts_file: 
                 n_prompt, n_generated = n_prompt + len(ids), n_generated + len(g.tokens)
         finally:
             model.llm.close()
-    except BaseException:
-        if writer:
-            writer.discard()
-        raise
-    if writer:
-        writer.close()
     if progress:
         progress(len(prompts), len(prompts))
     as_tuples = {phase: {layer: tuple(int(x) for x in c) for layer, c in by_layer.items()}
@@ -214,13 +210,7 @@ def read_sidecar(path: Path, index: ModelIndex | None = None) -> Calibration:
 
 def plot_heatmap(calibration: Calibration, out: Path) -> Path:
     """Layers x experts popularity (share of the layer's selections, relative to uniform) as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CalibrationError("--plot needs matplotlib: pip install 'rotary-gguf[plot]'") from None
+    plt = pyplot()
     popularity = calibration.popularity()
     layers = sorted(popularity)
     grid = np.stack([popularity[layer] * len(popularity[layer]) for layer in layers])
@@ -230,7 +220,4 @@ def plot_heatmap(calibration: Calibration, out: Path) -> Path:
              f"({calibration.prompt_tokens} prompt + {calibration.generated_tokens} generated tokens)")
     axes.set_yticks(range(len(layers)), [str(layer) for layer in layers] if len(layers) <= 24 else None)
     figure.colorbar(image, ax=axes, label="selections / uniform share")
-    figure.tight_layout()
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
+    return save_png(figure, out)

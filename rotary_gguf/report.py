@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex, TensorClass
 
 _CLASS_LABELS = {
@@ -193,3 +197,22 @@ def format_bench(result) -> str:
         lines.append("(no VRAM budget: every placement runs entirely on the CPU, experts from the mmap)")
     lines += [f"({name} not run: {reason})" for name, reason in result.skipped.items()]
     return "\n".join(lines)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, for --plot (matplotlib is the optional `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RotaryError("--plot needs matplotlib: pip install 'rotary-gguf[plot]'") from None
+    return plt
+
+
+def save_png(figure: Any, out: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    pyplot().close(figure)
+    return out

@@ -17,6 +17,7 @@ import numpy as np
 
 from rotary_gguf.errors import RotaryError
 from rotary_gguf.profile import Profile
+from rotary_gguf.report import pyplot, save_png
 from rotary_gguf.rotation import COPY_BUDGET_SHARE, LayerShape, Rotator, make_policy
 from rotary_gguf.trace import Trace
 
@@ -102,13 +103,7 @@ def simulate(trace: Trace, slots: int, policy: str, profile: Profile, *, budget_
 
 def plot_curve(trace: Trace, policies: list[str], profile: Profile, out: Path, budget_bytes: int | None) -> Path:
     """Hit rate against slots per layer, one line per policy (and never-rotated slots), as a PNG."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RotaryError("--plot needs matplotlib: pip install 'rotary-gguf[plot]'") from None
+    plt = pyplot()
     n = trace.header.n_expert
     points = sorted({max(1, round(n * f)) for f in (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)})
     figure, axes = plt.subplots(figsize=(7, 4.5))
@@ -121,7 +116,4 @@ def plot_curve(trace: Trace, policies: list[str], profile: Profile, out: Path, b
              title=f"{trace.header.model} ({label} trace)", ylim=(0, 1))
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.tight_layout()
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
-    return out
+    return save_png(figure, out)
