@@ -63,9 +63,6 @@ class Policy:
         """A request's prompt batch: by default, as if its tokens had been decoded at this step."""
         self.observe_all(np.full(len(ids), self.row[layer]), ids, step)
 
-    def priority(self, layer: int, step: int) -> np.ndarray:
-        return self.priority_all(step)[self.row[layer], : self.layers[layer].n_expert]
-
 
 class LRU(Policy):
     """Least recently used: an expert is worth the step it was last selected in."""
