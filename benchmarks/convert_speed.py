@@ -5,8 +5,8 @@ on the same synthetic qwen3_moe bf16 checkpoint, each run in a child process, on
     .venv/bin/python benchmarks/convert_speed.py [--dir /tmp/convert-bench] [--layers 6]
 
 The checkpoint (hidden 1024, 64 experts of 512, 6 layers: ~1.2 GB of bf16) is written first unless present.
-The reference converter comes from the llama-cpp-python 0.3.36 sdist (downloaded) and needs torch and
-transformers; only its vocabulary's pre-tokenizer name is given to it (the synthetic tokenizer is in no list).
+The reference converter comes from the llama-cpp-python 0.3.36 sdist (downloaded once and cached) and needs
+torch and transformers; it runs through scripts/reference_convert.py (vocabulary hooks only).
 """
 
 from __future__ import annotations
@@ -14,22 +14,14 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
+from rotary_gguf.plugin_build import llama_cpp_converter
 from rotary_gguf.synth.hf import write_hf_checkpoint
 
 SHAPES = dict(hidden=1024, heads=16, kv_heads=4, head_dim=64, experts=64, top_k=8, ff=512)
-REFERENCE = """
-import os, runpy, sys
-root = sys.argv.pop(1)
-sys.path[:0] = [root, os.path.join(root, "gguf-py")]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-sys.argv[0] = os.path.join(root, "convert_hf_to_gguf.py")
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "reference_convert.py"
 
 
 def measure(command: list[str]) -> tuple[float, int]:
@@ -52,20 +44,6 @@ def measure(command: list[str]) -> tuple[float, int]:
     return seconds, peak
 
 
-def reference_converter(folder: Path) -> Path:
-    root = folder / "llama_cpp_python-0.3.36/vendor/llama.cpp"
-    if not (root / "convert_hf_to_gguf.py").exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        "llama-cpp-python==0.3.36", "-d", str(folder)], check=True)
-        prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-        wanted = (prefix + "convert_hf_to_gguf.py", prefix + "conversion/", prefix + "gguf-py/")
-        with tarfile.open(next(folder.glob("llama_cpp_python-*.tar.gz"))) as archive:
-            archive.extractall(folder, members=[m for m in archive.getmembers() if m.name.startswith(wanted)],
-                               filter="data")
-    (folder / "reference.py").write_text(REFERENCE)
-    return root
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("/tmp/convert-bench"))
@@ -76,10 +54,10 @@ def main() -> None:
         print("writing the checkpoint", file=sys.stderr)
         write_hf_checkpoint(hf, "qwen3_moe", dtype="bf16", shards=4, shapes={**SHAPES, "layers": args.layers})
     size = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
-    root = reference_converter(args.dir)
+    root = llama_cpp_converter(lambda text: print(text, file=sys.stderr))
     ours = measure([sys.executable, "-m", "rotary_gguf", "convert", str(hf), "-o", str(args.dir / "ours.gguf"),
                     "--type", "f16", "--force"])
-    theirs = measure([sys.executable, str(args.dir / "reference.py"), str(root), str(hf), "--outtype", "f16",
+    theirs = measure([sys.executable, str(REFERENCE), str(root), str(hf), "--outtype", "f16",
                       "--outfile", str(args.dir / "reference.gguf")])
     print(f"checkpoint: qwen3_moe bf16, {size / 2**30:.2f} GiB in 4 shards; output f16")
     for name, (seconds, rss) in (("rotary convert", ours), ("convert_hf_to_gguf.py", theirs)):

@@ -32,34 +32,52 @@ def llama_cpp_python_version() -> str:
         raise PluginError("llama-cpp-python is not installed; run scripts/setup_env.sh") from None
 
 
-def _fetch_ggml_headers(version: str, dest: Path, say: Callable[[str], None]) -> Path:
-    """ggml's include/ and src/*.h from the llama-cpp-python sdist of `version`, extracted under dest."""
+def fetch_from_sdist(version: str, under: str, keep: Callable[[str], bool], dest: Path, what: str,
+                     say: Callable[[str], None]) -> Path:
+    """The files below `under` (a folder inside the sdist, like vendor/llama.cpp/ggml/) of the
+    llama-cpp-python `version` sdist whose path relative to it passes `keep`, extracted into dest
+    (staged beside it and renamed, so an interrupted download leaves no half folder)."""
     with tempfile.TemporaryDirectory() as tmp:
-        say(f"downloading the llama-cpp-python {version} sdist for its ggml headers")
+        say(f"downloading the llama-cpp-python {version} sdist for {what}")
         command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                    f"llama-cpp-python=={version}", "-d", tmp]
         done = subprocess.run(command, capture_output=True, text=True)
         archives = list(Path(tmp).glob("*.tar.gz"))
         if done.returncode or not archives:
             reason = (done.stderr.strip().splitlines() or ["no sdist downloaded"])[-1]
-            raise PluginError(f"cannot download the llama-cpp-python {version} sdist: {reason}; "
-                              "or pass --ggml-dir <sdist>/vendor/llama.cpp/ggml")
+            raise PluginError(f"cannot download the llama-cpp-python {version} sdist for {what}: {reason}")
         staging = dest.with_name(dest.name + ".part")
         shutil.rmtree(staging, ignore_errors=True)
         with tarfile.open(archives[0]) as archive:
             for member in archive.getmembers():
                 _, _, inner = member.name.partition("/")
-                if not (member.isfile() and inner.startswith(_GGML_IN_SDIST) and inner.endswith(".h")):
+                if not (member.isfile() and inner.startswith(under) and keep(inner[len(under):])):
                     continue
-                relative = inner[len(_GGML_IN_SDIST):]
-                if relative.startswith("include/") or relative.count("/") == 1 and relative.startswith("src/"):
-                    target = staging / relative
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with archive.extractfile(member) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
+                target = staging / inner[len(under):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.extractfile(member) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
         shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
     return dest
+
+
+def _is_ggml_header(relative: str) -> bool:
+    """include/*.h and the top level of src/ (ggml-backend-impl.h, ggml-impl.h)."""
+    return relative.endswith(".h") and (relative.startswith("include/")
+                                        or relative.count("/") == 1 and relative.startswith("src/"))
+
+
+def llama_cpp_converter(say: Callable[[str], None] = lambda _: None) -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py with conversion/ and gguf-py/, from the installed
+    llama-cpp-python's sdist (cached): the reference rotary's converter is checked against."""
+    version = llama_cpp_python_version()
+    folder = cache_dir() / "llama-cpp-converter" / f"llama-cpp-python-{version}"
+    if (folder / "convert_hf_to_gguf.py").exists():
+        return folder
+    return fetch_from_sdist(version, "vendor/llama.cpp/",
+                            lambda rel: rel == "convert_hf_to_gguf.py" or rel.startswith(("conversion/", "gguf-py/")),
+                            folder, "llama.cpp's convert_hf_to_gguf.py", say)
 
 
 def ggml_headers(version: str, ggml_dir: Path | None, say: Callable[[str], None]) -> Path:
@@ -69,7 +87,10 @@ def ggml_headers(version: str, ggml_dir: Path | None, say: Callable[[str], None]
         return folder
     if ggml_dir:
         raise PluginError(f"{ggml_dir}: no src/ggml-backend-impl.h; pass the sdist's vendor/llama.cpp/ggml folder")
-    return _fetch_ggml_headers(version, folder, say)
+    try:
+        return fetch_from_sdist(version, _GGML_IN_SDIST, _is_ggml_header, folder, "its ggml headers", say)
+    except PluginError as exc:
+        raise PluginError(f"{exc}; or pass --ggml-dir <sdist>/vendor/llama.cpp/ggml") from None
 
 
 def build_plugin(*, ggml_dir: Path | None = None, jobs: int = 2, say: Callable[[str], None] = lambda _: None) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,20 +21,7 @@ from rotary_gguf.synth.hf import write_hf_checkpoint
 
 FAMILIES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 IDS = list(range(10, 42))
-# Runs llama.cpp's converter with two hooks that concern only the vocabulary: the synthetic tokenizer's
-# pre-tokenizer is named (its hash is in no list) and no sentencepiece model is looked for.
-_REFERENCE = """
-import os, runpy, sys
-root = sys.argv.pop(1)
-sys.path[:0] = [root, os.path.join(root, "gguf-py")]
-import conversion.base as base
-base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
-def no_sentencepiece(self):
-    raise FileNotFoundError("no tokenizer.model")
-base.TextModel._create_vocab_sentencepiece = no_sentencepiece
-sys.argv[0] = os.path.join(root, "convert_hf_to_gguf.py")
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "reference_convert.py"
 
 
 @pytest.fixture(scope="module")
@@ -51,18 +37,11 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def reference_converter(tmp_path_factory) -> Path:
+def reference_converter() -> Path:
     """llama.cpp's convert_hf_to_gguf.py (with conversion/ and gguf-py/) from the pinned llama-cpp-python sdist."""
-    folder = tmp_path_factory.mktemp("sdist")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                    "llama-cpp-python==0.3.36", "-d", str(folder)], check=True, capture_output=True)
-    prefix = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
-    with tarfile.open(next(folder.glob("*.tar.gz"))) as archive:
-        wanted = (prefix + "convert_hf_to_gguf.py", prefix + "conversion/", prefix + "gguf-py/")
-        members = [m for m in archive.getmembers() if m.name.startswith(wanted)]
-        archive.extractall(folder, members=members, filter="data")
-    (folder / "reference.py").write_text(_REFERENCE)
-    return folder / prefix
+    from rotary_gguf.plugin_build import llama_cpp_converter
+
+    return llama_cpp_converter()
 
 
 def _llama_logits(path: Path) -> np.ndarray:
@@ -99,8 +78,7 @@ def test_transformers_5_config_and_shards(tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tensors_equal_llama_cpp_converter(checkpoints, reference_converter, tmp_path, family, qtype):
     ref = tmp_path / "reference.gguf"
-    script = reference_converter.parents[2] / "reference.py"
-    subprocess.run([sys.executable, str(script), str(reference_converter), str(checkpoints[family]),
+    subprocess.run([sys.executable, str(REFERENCE), str(reference_converter), str(checkpoints[family]),
                     "--outtype", qtype, "--outfile", str(ref)], check=True, capture_output=True)
     ours = convert(checkpoints[family], tmp_path / "ours.gguf", qtype)
     theirs = {t.name: t for t in GGUFReader(ref).tensors}
