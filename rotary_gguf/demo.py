@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from rotary_gguf import runtime
 from rotary_gguf.cache import cache_dir
-from rotary_gguf.gguf import ModelIndex, open_index
+from rotary_gguf.gguf import ModelIndex
+from rotary_gguf.runtime import Engine, EngineOptions, Generation
 from rotary_gguf.synth import PRESET_DEFAULT_TYPE, PRESETS, synth_model
 from rotary_gguf.synth.writer import Progress
 
@@ -21,7 +21,9 @@ class DemoResult:
     model: Path
     synthesized: bool
     index: ModelIndex
-    generation: runtime.Generation
+    placement: str
+    notes: tuple[str, ...]
+    generation: Generation
 
 
 def cached_synth_model(preset: str, seed: int = 0, progress: Progress | None = None) -> tuple[Path, bool]:
@@ -35,9 +37,10 @@ def cached_synth_model(preset: str, seed: int = 0, progress: Progress | None = N
 
 
 def run_demo(preset: str = "small", n_tokens: int = 16, progress: Progress | None = None) -> DemoResult:
-    """Synthesize (or reuse) the preset's model, index it and generate n_tokens greedily on the CPU."""
+    """Synthesize (or reuse) the preset's model and generate n_tokens greedily through the engine, with the
+    machine's own profile and the placement it picks."""
     path, written = cached_synth_model(preset, progress=progress)
-    index = open_index(path).require_moe()
-    llm = runtime.load(path).llm
-    generation = runtime.generate(llm, DEMO_PROMPT, n_tokens)
-    return DemoResult(path, written, index, generation)
+    with Engine.open(path, "auto", "auto", EngineOptions(ctx=512)) as engine:
+        engine.index.require_moe()
+        generation = engine.complete(DEMO_PROMPT, n_tokens)
+        return DemoResult(path, written, engine.index, engine.placement.strategy, engine.notes, generation)

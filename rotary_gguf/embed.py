@@ -1,9 +1,7 @@
 """Rotary-aware GGUF: any GGUF, copied with its calibration as `rotary.*` metadata and its tensor data aligned
 to 4096 bytes (so expert slices copy from page-aligned memory). Stock llama.cpp loads it unchanged.
 
-Keys: rotary.format_version (u32); rotary.calibration.description (string); rotary.calibration.prompts,
-.prompt_tokens, .generated_tokens (u32); rotary.calibration.prompt_counts.N and
-rotary.calibration.generated_counts.N (u32 arrays, one entry per expert) for every MoE layer N.
+The `rotary.*` keys are described, and read back, in rotary_gguf.calibration.
 """
 
 from __future__ import annotations
@@ -15,11 +13,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from rotary_gguf.calibrate import Calibration, read_sidecar, sidecar_path
+from rotary_gguf.calibration import METADATA_FORMAT_VERSION, Calibration
 from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 
-FORMAT_VERSION = 1
 ALIGNMENT = 4096
 PREFIX = "rotary."
 
@@ -30,7 +27,7 @@ class EmbedError(RotaryError):
 
 def _metadata(calibration: Calibration) -> list[tuple[str, object, gguf.GGUFValueType]]:
     u32, s = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
-    items = [("rotary.format_version", FORMAT_VERSION, u32),
+    items = [("rotary.format_version", METADATA_FORMAT_VERSION, u32),
              ("rotary.calibration.description", calibration.description, s),
              ("rotary.calibration.prompts", calibration.prompts, u32),
              ("rotary.calibration.prompt_tokens", calibration.prompt_tokens, u32),
@@ -86,34 +83,3 @@ def embed(index: ModelIndex, calibration: Calibration, out: Path, *, force: bool
         part.unlink(missing_ok=True)
         raise
     return out
-
-
-def calibration_from_metadata(index: ModelIndex) -> Calibration | None:
-    """The calibration a rotary-aware GGUF carries, or None for any other GGUF."""
-    meta = index.metadata
-    if meta.get("rotary.format_version") is None:
-        return None
-    layers = sorted(int(k.rsplit(".", 1)[1]) for k in meta if k.startswith("rotary.calibration.prompt_counts."))
-
-    def counts(phase: str) -> dict[int, tuple[int, ...]]:
-        return {layer: tuple(int(x) for x in meta[f"rotary.calibration.{phase}_counts.{layer}"]) for layer in layers}
-
-    return Calibration(index.path.name, index.file_size, "", str(meta.get("rotary.calibration.description", "")),
-                       int(meta.get("rotary.calibration.prompts", 0)),
-                       int(meta.get("rotary.calibration.prompt_tokens", 0)),
-                       int(meta.get("rotary.calibration.generated_tokens", 0)), counts("prompt"), counts("generated"))
-
-
-def load_calibration(index: ModelIndex) -> tuple[Calibration | None, str]:
-    """The model's calibration and where it came from: the GGUF's own rotary.* metadata, else a sidecar
-    MODEL.rotary.json that matches the file; (None, why) when there is none or the sidecar is stale."""
-    embedded = calibration_from_metadata(index)
-    if embedded is not None:
-        return embedded, "rotary.* metadata"
-    sidecar = sidecar_path(index.path)
-    if not sidecar.exists():
-        return None, "none (run `rotary calibrate`)"
-    try:
-        return read_sidecar(sidecar, index), sidecar.name
-    except RotaryError as exc:
-        return None, str(exc)

@@ -212,7 +212,8 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
         return Placement(**common, vram_budget_bytes=0, n_gpu_layers=0, gpu_weight_bytes=0,
                          kv_bytes=kv_cache_bytes(index, ctx, profile.kv_cache_type), compute_bytes=0,
                          overhead_bytes=0, gpu_expert_layers=(), gpu_expert_bytes=0, host_weight_bytes=all_bytes,
-                         host_compute_bytes=host_compute, overrides=all_experts_on_host)
+                         host_compute_bytes=host_compute, overrides=all_experts_on_host,
+                         expert_slots=tuple((layer, 0) for layer in index.moe_layers) if strategy == "rotary" else ())
     fixed = _fixed_vram(index, profile, ctx)
     _check_fits(fixed, budget, index, profile, ctx)
     if strategy == "rotary":

@@ -157,42 +157,59 @@ def format_profile(profile) -> str:
     ])
 
 
-def format_telemetry(generation, telemetry, placement, rss_before_load: int, rotary: dict | None = None) -> str:
-    """The `/stats` lines of `rotary chat`."""
+def format_rotary_line(r) -> str:
+    """One line of the rotary scheduler's counters (a runtime.RotaryStats): `run` on stderr, chat's /stats."""
+    budget = (f"{format_bytes(r.copy_budget_bytes_per_token)}/token now" if r.copy_budget_bytes_per_token
+              else "no limit yet" if r.copy_budget_bytes_per_token is None else "none")
+    return (f"rotary: {r.hit_rate:.1%} of expert reads from slots ({r.expert_reads_device} device, "
+            f"{r.expert_reads_host} host); policy {r.policy}; copy budget {r.copy_budget} ({budget}); "
+            f"{r.admissions} admitted, {r.evictions} evicted, {format_bytes(r.bytes_copied)} copied, "
+            f"copy stalls {r.copy_stall_ms:.1f} ms")
+
+
+def format_telemetry(stats, placement) -> str:
+    """The `/stats` lines of `rotary chat` (a runtime.EngineStats)."""
     lines = []
-    if generation is not None:
-        lines.append(f"last reply     {generation.prompt_tokens} prompt tokens at "
-                     f"{generation.prompt_tokens_per_second:.1f} tok/s, {len(generation.tokens)} tokens at "
-                     f"{generation.decode_tokens_per_second:.1f} tok/s")
-    if telemetry.vram_used_bytes is not None:
-        lines.append(f"VRAM           {format_bytes(telemetry.vram_used_bytes)} used, budget "
+    g = stats.last
+    if g is not None:
+        cached = f" ({g.cached_tokens} reused from the cache)" if g.cached_tokens else ""
+        lines.append(f"last reply     {g.prompt_tokens} prompt tokens{cached} at "
+                     f"{g.prompt_tokens_per_second:.1f} tok/s, {len(g.tokens)} tokens at "
+                     f"{g.decode_tokens_per_second:.1f} tok/s")
+    if stats.vram_used_bytes is not None:
+        lines.append(f"VRAM           {format_bytes(stats.vram_used_bytes)} used, budget "
                      f"{format_bytes(placement.vram_budget_bytes)}, "
                      f"predicted {format_bytes(placement.predicted_vram_bytes)}")
     else:
         lines.append("VRAM           no NVIDIA GPU")
-    lines.append(f"host RSS       {format_bytes(telemetry.rss_bytes)}; the model added "
-                 f"{format_bytes(telemetry.rss_bytes - rss_before_load)}, planned "
-                 f"{format_bytes(placement.predicted_host_bytes)}")
-    if rotary is not None:
-        lines.append(f"rotary         {rotary['hit_rate']:.1%} of the last reply's expert reads from slots "
-                     f"({rotary['expert_reads_device']} device, {rotary['expert_reads_host']} host); policy "
-                     f"{rotary['policy']}: {rotary['admissions']} admitted, {rotary['evictions']} evicted, "
-                     f"{format_bytes(rotary['bytes_copied'])} copied, copy stalls {rotary['copy_stall_ms']:.1f} ms")
+    lines.append(f"host RSS       {format_bytes(stats.rss_bytes)}; the model added "
+                 f"{format_bytes(stats.rss_model_bytes)}, planned {format_bytes(placement.predicted_host_bytes)}")
+    if stats.rotary is not None:
+        lines.append(f"{'rotary':<15}{format_rotary_line(stats.rotary).removeprefix('rotary: ')}")
     return "\n".join(lines)
 
 
+def _mean_sd(value: dict[str, float]) -> str:
+    return f"{value['mean']:.1f} ± {value['sd']:.1f}"
+
+
 def format_bench(result) -> str:
-    """The `rotary bench` table."""
+    """The `rotary bench` table: mean ± standard deviation over the repetitions."""
+    runs = f"{result.spec.repetitions} run(s) each, interleaved" + (", each in a child process" if result.isolated
+                                                                    else "")
     lines = [f"model {result.model.name}, profile {result.profile.name}, VRAM budget "
-             f"{format_bytes(result.vram_budget_bytes)}, GPU {result.gpu or 'none (CPU build)'}",
-             f"{'placement':<18}{'prompt tok/s':>13}{'decode tok/s':>13}{'peak VRAM':>12}{'peak RSS':>12}"
+             f"{format_bytes(result.vram_budget_bytes)}, GPU {result.gpu or 'none (CPU build)'}; {runs}",
+             f"{'placement':<18}{'prompt tok/s':>15}{'decode tok/s':>15}{'peak VRAM':>12}{'peak RSS':>12}"
              f"{'RSS delta':>12}  GPU expert layers or rotary hit rate"]
     for r in result.placements:
         vram = format_bytes(r.peak_vram_bytes) if r.peak_vram_bytes is not None else "-"
-        lines.append(f"{r.name:<18}{r.prompt_tok_s:>13.1f}{r.decode_tok_s:>13.1f}{vram:>12}"
+        lines.append(f"{r.name:<18}{_mean_sd(r.prompt_tok_s):>15}{_mean_sd(r.decode_tok_s):>15}{vram:>12}"
                      f"{format_bytes(r.peak_rss_bytes):>12}{format_bytes(r.rss_delta_bytes):>12}  "
-                     + (f"{r.rotary['hit_rate']:.1%} of expert reads from slots" if r.rotary
-                        else _layers(r.placement.gpu_expert_layers)))
+                     + (f"{r.rotary['hit_rate']:.1%} of expert reads from slots, policy {r.rotary['policy']}"
+                        if r.rotary else _layers(r.placement.gpu_expert_layers)))
+    retained = [(r.name, r.rss_retained_bytes) for r in result.placements if r.rss_retained_bytes > 64 * 2**20]
+    lines += [f"(warning: {name} still held {format_bytes(n)} of RSS after it was closed; use --isolate)"
+              for name, n in retained]
     if not result.vram_budget_bytes:
         lines.append("(no VRAM budget: every placement runs entirely on the CPU, experts from the mmap)")
     lines += [f"({name} not run: {reason})" for name, reason in result.skipped.items()]

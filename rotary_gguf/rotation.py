@@ -219,8 +219,10 @@ class Rotator:
         self.step += 1
         layers = sorted(routing)
         counts = [len(routing[layer]) for layer in layers]
-        rows = np.repeat([self.row[layer] for layer in layers], counts)
-        ids = np.concatenate([routing[layer] for layer in layers]) if layers else np.empty(0, np.int64)
+        # Integer arrays even when no layer routed anything (no layer with slots records: the plugin only counts).
+        rows = np.repeat(np.array([self.row[layer] for layer in layers], dtype=np.int64), counts)
+        ids = (np.concatenate([routing[layer] for layer in layers]).astype(np.int64) if layers
+               else np.empty(0, np.int64))
         hits = np.bincount(rows, weights=self._slot_of[rows, ids] >= 0, minlength=len(self.row))
         for layer, n in zip(layers, counts, strict=True):
             hit = int(hits[self.row[layer]])
@@ -394,6 +396,12 @@ class Rotation:
             if shape.n_slots and layer in popularity:
                 chosen = [int(e) for e in np.argsort(-np.asarray(popularity[layer]), kind="stable")[: shape.n_slots]]
                 self.rotator.set_resident(layer, chosen)
+
+    def watch(self, observer: Callable[[str, dict[int, np.ndarray]], None]) -> None:
+        """From now on, observer(phase, routing) sees every step's routing ("prompt" or "decode")."""
+        self.observer = observer
+        self.recording = True
+        self.plugin.set_recording(True)
 
     def _record(self, phase: str, routing: dict[int, np.ndarray]) -> None:
         if self.trace:

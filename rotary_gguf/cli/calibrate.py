@@ -32,26 +32,26 @@ def calibrate(model: Path, prompts_file: Path | None, tokens: int, out: Path | N
               threads: int | None) -> None:
     """Count how often each layer of MODEL selects each expert, for prompt and generated tokens."""
     from rotary_gguf.calibrate import calibrate as run
-    from rotary_gguf.calibrate import plot_heatmap, sidecar_path, write_sidecar
+    from rotary_gguf.calibrate import plot_heatmap
+    from rotary_gguf.calibration import sidecar_path, write_sidecar
     from rotary_gguf.embed import embed as write_gguf
     from rotary_gguf.gguf import open_index
-    from rotary_gguf.profile import load_profile
 
     if embed != (output is not None):
         raise Failure("--embed and -o OUT.gguf go together")
     if output is not None and output.exists() and not force:
         raise Failure(f"{output} exists; use --force to overwrite")
-    index = open_index(model).require_moe()
     bar = LazyBar("calibrating")
     try:
-        result = run(model, index, load_profile(profile_name), prompts_file=prompts_file, tokens=tokens,
-                     trace_out=trace_out, threads=threads, progress=bar)
+        result = run(model, profile_name, prompts_file=prompts_file, tokens=tokens, trace_out=trace_out,
+                     threads=threads, progress=bar)
     finally:
         bar.close()
     if embed:
         bar = LazyBar("writing")
         try:
-            written = write_gguf(index, result, output, force=force, progress=lambda done, total: bar(done, total))
+            written = write_gguf(open_index(model), result, output, force=force,
+                                 progress=lambda done, total: bar(done, total))
         finally:
             bar.close()
     else:

@@ -39,11 +39,9 @@ def _calibrate_into(model: Path, output: Path, prompts: Path | None) -> None:
     from rotary_gguf.calibrate import calibrate
     from rotary_gguf.embed import embed
     from rotary_gguf.gguf import open_index
-    from rotary_gguf.profile import load_profile
 
     try:
-        index = open_index(model)
-        result = calibrate(model, index, load_profile("auto"), prompts_file=prompts)
-        embed(index, result, output, force=True)
+        result = calibrate(model, "auto", prompts_file=prompts)
+        embed(open_index(model), result, output, force=True)
     finally:
         model.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ def inspect(model: Path, as_json: bool) -> None:
 
     Reads headers only; tensor data stays in the memory map.
     """
-    from rotary_gguf.embed import load_calibration
+    from rotary_gguf.calibration import load_calibration
     from rotary_gguf.gguf import open_index
 
     index = open_index(model).require_moe()
@@ -101,10 +101,12 @@ def demo(preset: str, n_tokens: int) -> None:
     finally:
         bar.close()
     g = result.generation
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     click.echo(("synthesized " if result.synthesized else "cached ") + f"{result.model}\n")
     click.echo(format_index(result.index))
-    click.echo(f"\nllama.cpp (CPU) prompt {g.prompt_tokens} tokens in {g.prompt_seconds * 1000:.0f} ms; "
-               f"generated {len(g.tokens)} tokens at {g.decode_tokens_per_second:.1f} tok/s"
+    click.echo(f"\nllama.cpp ({result.placement} placement) prompt {g.prompt_tokens} tokens in "
+               f"{g.prompt_seconds * 1000:.0f} ms; generated {len(g.tokens)} tokens at "
+               f"{g.decode_tokens_per_second:.1f} tok/s"
                + (" (stopped at end-of-generation)" if g.stopped_at_eos else ""))
     click.echo(f"text (random weights, so noise): {g.text!r}")
-

@@ -11,73 +11,86 @@ import click
 
 from rotary_gguf.cli import Failure, LazyBar, main
 from rotary_gguf.plan import LAYER_ORDERS, STRATEGIES
-from rotary_gguf.report import format_bench, format_dry_run, format_placement, format_profile, format_telemetry
+from rotary_gguf.report import (
+    format_bench,
+    format_dry_run,
+    format_placement,
+    format_profile,
+    format_rotary_line,
+    format_telemetry,
+)
 from rotary_gguf.rotation import POLICIES
-
-
-def _placement_options(func):
-    """--profile, --vram-budget and --ctx, shared by every command that plans."""
-
-    @click.option("--profile", "profile_name", default="auto", show_default=True,
-                  help="Profile name (see `rotary profiles list`), a YAML file, or auto (detect this machine).")
-    @click.option("--vram-budget", default=None, help="VRAM budget such as 6GiB or 6500MiB [default: the profile's].")
-    @click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context size [default: the profile's].")
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        return func(*args, **kwargs)
-
-    return wrapper
-
-
-def _setup(model: Path, profile_name: str, vram_budget: str | None):
-    """Validate the model with the index (before llama.cpp sees it) and resolve profile and budget."""
-    from rotary_gguf.gguf import open_index
-    from rotary_gguf.profile import load_profile, parse_size
-
-    index = open_index(model)
-    profile = load_profile(profile_name)
-    budget = None
-    if vram_budget is not None:
-        try:
-            budget = parse_size(vram_budget, "--vram-budget")
-        except ValueError as exc:
-            raise Failure(str(exc)) from None
-    if not index.is_moe:
-        click.echo(f"note: {model.name} is a dense model (no routed experts): whole layers go to the GPU",
-                   err=True)
-    return index, profile, budget
-
 
 PLACEMENTS = ("auto", *STRATEGIES)
 
 
-def _usable(strategy: str) -> str:
-    """auto: rotary when the scheduler plugin can run here, else layer-fill. rotary that cannot run (no
-    GPU, plugin missing or built for another llama-cpp-python) falls back to layer-fill, said in one line."""
-    if strategy not in ("auto", "rotary"):
-        return strategy
-    from rotary_gguf import runtime
+def _size(value: str | None, flag: str) -> int | None:
+    from rotary_gguf.profile import parse_size
 
-    reason = runtime.rotary_unavailable()
-    if reason is None:
-        return "rotary"
-    if strategy == "rotary":
-        click.echo(f"note: {reason}; using layer-fill", err=True)
-    return "layer-fill"
+    if value is None:
+        return None
+    try:
+        return parse_size(value, flag)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
 
 
-def _placement_choice(default: str = "auto", **kwargs):
+_PLAN_OPTIONS = [
+    click.option("--profile", "profile_name", default="auto", show_default=True,
+                 help="Profile name (see `rotary profiles list`), a YAML file, or auto (detect this machine)."),
+    click.option("--vram-budget", default=None, help="VRAM budget such as 6GiB or 6500MiB [default: the profile's]."),
+    click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context size [default: the profile's]."),
+]
+_RUN_OPTIONS = [
+    click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the profile's]."),
+    click.option("--repack", is_flag=True, help="Let llama.cpp copy host experts into its CPU repacking buffers."),
+    click.option("--policy", type=click.Choice(POLICIES), default=None,
+                 help="Rotary: the slot rotation policy [default: the profile's]."),
+    click.option("--copy-budget", default=None,
+                 help="Rotary: bytes rotation may copy per token, e.g. 64MiB [default: from the profile's PCIe "
+                      "bandwidth and the measured token time]."),
+]
+
+
+def _with(options):
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _model_options(func):
+    """Every option that decides how a model is opened; the command receives one EngineOptions as `options`
+    (built here, in one place) plus `profile_name`."""
+
+    @_with(_PLAN_OPTIONS + _RUN_OPTIONS)
+    @functools.wraps(func)
+    def wrapper(*args, vram_budget, ctx, threads, repack, policy, copy_budget, **kwargs):
+        from rotary_gguf.runtime import EngineOptions
+
+        options = EngineOptions(ctx=ctx, threads=threads, repack=repack, policy=policy,
+                                vram_budget=_size(vram_budget, "--vram-budget"),
+                                copy_budget=_size(copy_budget, "--copy-budget"))
+        return func(*args, options=options, **kwargs)
+
+    return wrapper
+
+
+def _placement_choice(default: str = "auto"):
     return click.option("--placement", type=click.Choice(PLACEMENTS), default=default, show_default=True,
-                        help="auto: rotary when a GPU and the scheduler plugin are here, else layer-fill.", **kwargs)
+                        help="auto: rotary when a GPU and the scheduler plugin are here, else layer-fill.")
 
 
-def _plan(index, profile, budget, ctx, strategy="layer-fill", layer_order="first"):
-    from rotary_gguf.embed import load_calibration
-    from rotary_gguf.plan import plan_placement
+def _open(model: Path, profile_name: str, placement: str, options):
+    """The engine, with its notes (fallbacks, no GPU, dense model) said on stderr."""
+    from rotary_gguf.runtime import Engine
 
-    calibration = load_calibration(index)[0] if strategy == "rotary" else None
-    return plan_placement(index, profile, strategy=strategy, vram_budget=budget, ctx=ctx, layer_order=layer_order,
-                          popularity=calibration.popularity() if calibration else None)
+    engine = Engine.open(model, profile_name, placement, options)
+    for note in engine.notes:
+        click.echo(f"note: {note}", err=True)
+    return engine
 
 
 @main.group()
@@ -120,7 +133,7 @@ def profiles_detect() -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@_placement_options
+@_with(_PLAN_OPTIONS)
 @click.option("--placement", type=click.Choice(STRATEGIES), default="layer-fill", show_default=True)
 @click.option("--layer-order", type=click.Choice(LAYER_ORDERS), default="first", show_default=True,
               help="Which layers' experts get VRAM first (last: llama.cpp's --n-cpu-moe order).")
@@ -130,111 +143,85 @@ def profiles_detect() -> None:
 def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, placement: str,
          layer_order: str, check: bool, as_json: bool) -> None:
     """Plan where MODEL's tensors go under a VRAM budget, before loading anything."""
-    from rotary_gguf import runtime
     from rotary_gguf.plan import estimate_decode_tok_s
+    from rotary_gguf.runtime import EngineOptions, dry_run, gpu_device_name, prepare
 
-    index, profile, budget = _setup(model, profile_name, vram_budget)
-    result = _plan(index, profile, budget, ctx, placement, layer_order)
-    estimate = estimate_decode_tok_s(index, result, profile)
-    buffers = runtime.dry_run(model, result, **runtime.context_options(result, profile)) if check else None
+    options = EngineOptions(ctx=ctx, vram_budget=_size(vram_budget, "--vram-budget"), layer_order=layer_order)
+    setup = prepare(model, profile_name, placement, options, runnable=False)
+    for note in setup.notes:
+        click.echo(f"note: {note}", err=True)
+    estimate = estimate_decode_tok_s(setup.index, setup.placement, setup.profile)
+    buffers = dry_run(model, setup.placement, setup.options) if check else None
     if as_json:
-        out = {"model": str(model), **result.to_json(), "estimated_decode_tok_s": round(estimate, 1)}
+        out = {"model": str(model), **setup.placement.to_json(), "estimated_decode_tok_s": round(estimate, 1)}
         if buffers is not None:
             out["dry_run_buffers"] = [{"kind": b.kind, "name": b.name, "bytes": b.nbytes} for b in buffers]
         click.echo(json.dumps(out))
         return
-    click.echo(format_placement(index, result, profile, estimate))
+    click.echo(format_placement(setup.index, setup.placement, setup.profile, estimate))
     if buffers is not None:
-        click.echo(format_dry_run(result, buffers, runtime.gpu_device_name()))
-
-
-def _load(model: Path, placement, profile, threads: int | None, repack: bool):
-    from rotary_gguf import runtime
-
-    loaded = runtime.load(model, placement, **runtime.context_options(placement, profile, threads=threads,
-                                                                      repack=repack))
-    if loaded.gpu is None and placement.vram_budget_bytes:
-        click.echo("note: this llama.cpp build has no GPU backend: everything runs on the CPU "
-                   "(`rotary plan` shows where tensors would go)", err=True)
-    return loaded
-
-
-_RUNTIME_OPTIONS = [
-    click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the profile's]."),
-    click.option("--repack", is_flag=True, help="Let llama.cpp copy host experts into its CPU repacking buffers."),
-]
-
-
-def _runtime_options(func):
-    for option in reversed(_RUNTIME_OPTIONS):
-        func = option(func)
-    return func
+        click.echo(format_dry_run(setup.placement, buffers, gpu_device_name()))
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@_placement_options
-@_runtime_options
+@_model_options
 @click.option("-n", "n_tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--temp", type=click.FloatRange(min=0), default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chat", "as_chat", is_flag=True, help="Send PROMPT as one user turn through the model's chat template.")
 @_placement_choice()
-def run(model: Path, prompt: str, profile_name: str, vram_budget: str | None, ctx: int | None,
-        threads: int | None, repack: bool, n_tokens: int, temp: float, seed: int, as_chat: bool,
+def run(model: Path, prompt: str, profile_name: str, options, n_tokens: int, temp: float, seed: int, as_chat: bool,
         placement: str) -> None:
     """Generate a completion of PROMPT, streamed to stdout (statistics on stderr)."""
-    from rotary_gguf import runtime
-    from rotary_gguf.chat import template_for
+    from rotary_gguf.runtime import Sampling
 
-    index, profile, budget = _setup(model, profile_name, vram_budget)
-    loaded = _load(model, _plan(index, profile, budget, ctx, _usable(placement)), profile, threads, repack)
-    if as_chat:
-        prompt = template_for(loaded, index.metadata).render([{"role": "user", "content": prompt}])
-
-    def stream(text: str) -> None:
-        click.echo(text, nl=False)
-
-    g = runtime.generate(loaded.llm, prompt, n_tokens, temp=temp, seed=seed, stream=stream,
-                         residency=loaded.residency)
-    click.echo()
-    click.echo(f"[{g.prompt_tokens} prompt tokens at {g.prompt_tokens_per_second:.1f} tok/s, "
-               f"{len(g.tokens)} generated at {g.decode_tokens_per_second:.1f} tok/s]", err=True)
+    with _open(model, profile_name, placement, options) as engine:
+        if as_chat:
+            prompt = engine.render_chat([{"role": "user", "content": prompt}])
+        stream = engine.generate(prompt, n_tokens, sampling=Sampling(temp=temp, seed=seed))
+        try:
+            for piece in stream:
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:
+            stream.close()
+        g = stream.result
+        click.echo()
+        click.echo(f"[{g.prompt_tokens} prompt tokens at {g.prompt_tokens_per_second:.1f} tok/s, "
+                   f"{len(g.tokens)} generated at {g.decode_tokens_per_second:.1f} tok/s"
+                   + (", stopped" if g.interrupted else "") + "]", err=True)
+        rotary = engine.rotary_stats()
+        if rotary is not None:
+            click.echo(f"[{format_rotary_line(rotary)}]", err=True)
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@_placement_options
-@_runtime_options
+@_model_options
 @click.option("-n", "max_reply", type=click.IntRange(min=1), default=512, show_default=True,
               help="Longest reply, in tokens.")
 @click.option("--temp", type=click.FloatRange(min=0), default=0.7, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--system", default=None, help="A system message for the conversation.")
 @_placement_choice()
-def chat(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, threads: int | None,
-         repack: bool, max_reply: int, temp: float, seed: int, system: str | None, placement: str) -> None:
+def chat(model: Path, profile_name: str, options, max_reply: int, temp: float, seed: int, system: str | None,
+         placement: str) -> None:
     """Chat with MODEL in the terminal, with its own chat template.
 
     /reset clears the conversation, /stats shows speed and memory, /exit (or Ctrl-D) quits;
     Ctrl-C stops the current reply.
     """
-    from rotary_gguf import runtime
-    from rotary_gguf.chat import ChatSession, template_for
+    from rotary_gguf.chat import ChatSession
 
-    index, profile, budget = _setup(model, profile_name, vram_budget)
-    placement = _plan(index, profile, budget, ctx, _usable(placement))
-    loaded = _load(model, placement, profile, threads, repack)
-    session = ChatSession(loaded, template_for(loaded, index.metadata), max_reply_tokens=max_reply, temp=temp,
-                          seed=seed, system=system)
-    click.echo(f"chatting with {model.name} (ctx {runtime.context_size(loaded.llm)}); /reset /stats /exit; "
-               "Ctrl-C stops a reply", err=True)
-    _chat_loop(session, placement)
+    with _open(model, profile_name, placement, options) as engine:
+        session = ChatSession(engine, max_reply_tokens=max_reply, temp=temp, seed=seed, system=system)
+        click.echo(f"chatting with {model.name} (ctx {engine.context_size}); /reset /stats /exit; "
+                   "Ctrl-C stops a reply", err=True)
+        _chat_loop(session)
 
 
-def _chat_loop(session, placement) -> None:
-    from rotary_gguf.bench import rotary_stats
+def _chat_loop(session) -> None:
     from rotary_gguf.errors import RotaryError
 
     try:
@@ -261,9 +248,7 @@ def _chat_loop(session, placement) -> None:
             click.echo("[conversation cleared]")
             continue
         if command == "/stats":
-            rotary = rotary_stats(session.model.residency) if session.model.residency else None
-            click.echo(format_telemetry(session.last, session.telemetry(), placement, session.model.rss_before_load,
-                                        rotary))
+            click.echo(format_telemetry(session.engine.stats(), session.engine.placement))
             continue
         try:
             reply = session.send(line, lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -279,52 +264,44 @@ def _chat_loop(session, placement) -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@_placement_options
-@_runtime_options
+@_model_options
 @click.option("--placement", "only", type=click.Choice(STRATEGIES), default=None,
               help="Run one placement only [default: all; rotary where the scheduler plugin can run].")
 @click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True)
 @click.option("--tokens", "decode_tokens", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--policy", type=click.Choice(POLICIES), default=None,
-              help="Rotary: the slot rotation policy [default: the profile's].")
-@click.option("--copy-budget", default=None,
-              help="Rotary: bytes rotation may copy per token [default: from the profile's PCIe bandwidth].")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs of each placement, interleaved across placements (mean and spread reported).")
+@click.option("--isolate/--no-isolate", default=None,
+              help="Run each placement in a child process [default: when the model is over half the RAM].")
 @click.option("--trace", "trace_out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Rotary: write the routing the scheduler saw to this trace file.")
+              help="Rotary: write the routing the scheduler saw (first repetition) to this trace file.")
 @click.option("--replay", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Rotary, benchmarks only: compute the experts of this trace instead of the router's "
                    "(outputs are then not the model's; the results say so).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, threads: int | None,
-          repack: bool, only: str | None, prompt_tokens: int, decode_tokens: int, policy: str | None,
-          copy_budget: str | None, trace_out: Path | None, replay: Path | None, as_json: bool) -> None:
-    """Prompt and decode tok/s, peak VRAM and host RSS of each placement, in this process."""
-    from rotary_gguf.bench import RotaryOptions, run_bench
-    from rotary_gguf.profile import parse_size
+def bench(model: Path, profile_name: str, options, only: str | None, prompt_tokens: int, decode_tokens: int,
+          repetitions: int, isolate: bool | None, trace_out: Path | None, replay: Path | None, as_json: bool) -> None:
+    """Prompt and decode tok/s, peak VRAM and host RSS of each placement, like llama-bench: repetitions
+    interleaved across placements after a warm-up, each placement's memory released before the next."""
+    from dataclasses import replace
 
-    try:
-        budget_bytes = parse_size(copy_budget, "--copy-budget") if copy_budget is not None else None
-    except ValueError as exc:
-        raise Failure(str(exc)) from None
-    rotary = RotaryOptions(policy, budget_bytes, trace_out, replay)
+    from rotary_gguf.bench import BenchSpec, run_bench
+    from rotary_gguf.runtime import rotary_unavailable
 
-    index, profile, budget = _setup(model, profile_name, vram_budget)
-    skipped = {}
+    options = replace(options, trace=trace_out, replay=replay, trace_description="rotary bench")
+    reason = rotary_unavailable()
     if only:
-        strategies = (_usable(only),)
+        strategies = (only if only != "rotary" or reason is None else "layer-fill",)
+        if only == "rotary" and reason:
+            click.echo(f"note: {reason}; using layer-fill", err=True)
+        skipped = {}
     else:
-        from rotary_gguf import runtime
-
-        reason = runtime.rotary_unavailable()
         strategies = tuple(s for s in STRATEGIES if s != "rotary" or reason is None)
         skipped = {"rotary": reason} if reason else {}
+    spec = BenchSpec(strategies, prompt_tokens, decode_tokens, repetitions, isolate)
     bar = LazyBar("benchmarking")
     try:
-        result = run_bench(model, index, profile, strategies=strategies, vram_budget=budget, ctx=ctx,
-                           prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, threads=threads,
-                           repack=repack, skipped=skipped, rotary=rotary,
-                           progress=lambda done, name: bar(done, len(strategies), name))
-        bar(len(strategies), len(strategies), "done")
+        result = run_bench(model, profile_name, options, spec, skipped=skipped, progress=bar)
     finally:
         bar.close()
     click.echo(json.dumps(result.to_json()) if as_json else format_bench(result))
