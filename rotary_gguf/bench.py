@@ -156,10 +156,12 @@ def measure(setup: ModelSetup, prompt_tokens: int, decode_tokens: int) -> Run:
         g = engine.complete(prompt_ids(engine, prompt_tokens), decode_tokens, ignore_eos=True)
         rotary = engine.rotary_stats()
         load_seconds, buffers = engine.load_seconds, engine.buffers
+        replay = engine.rotation.replay if engine.rotation else None
     stats = rotary.to_json() if rotary else None
     if stats is not None:
-        stats["routing"] = (f"replayed from {setup.options.replay.name} (outputs are not the model's)"
-                            if setup.options.replay else "the model's own")
+        kind = "synthetic" if replay and replay.header.synthetic else "recorded"
+        stats["routing"] = (f"replayed from {setup.options.replay.name} ({kind} trace; outputs are not the "
+                            "model's)" if replay else "the model's own")
     return Run(g.prompt_tokens_per_second, g.decode_tokens_per_second, peak.peak_vram, peak.peak_rss, before,
                process.memory_info().rss, load_seconds, g.prompt_tokens, len(g.tokens), buffers, stats)
 

@@ -10,12 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_plugin import PROMPT, _placement
 
-from rotary_gguf import runtime
-from rotary_gguf.calibrate import read_sidecar
+from rotary_gguf.calibration import load_calibration, read_sidecar
 from rotary_gguf.cli import main
-from rotary_gguf.embed import load_calibration
 from rotary_gguf.gguf import open_index
 from rotary_gguf.trace import read_trace
 
@@ -50,17 +47,16 @@ def test_sidecar_counts_every_routed_token(calibrated):
     assert model.with_name("heat.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_rotary_gguf_loads_in_stock_llama_cpp_unchanged(calibrated):
+def test_rotary_gguf_loads_in_stock_llama_cpp_unchanged(calibrated, stock_engine, prompt_ids):
     model, rotary = calibrated
     index = open_index(rotary)
     assert index.metadata["rotary.format_version"] == 1 and index.metadata["general.alignment"] == 4096
     assert all(t.offset % 4096 == 0 for t in index.tensors)
     logits = []
     for path in (model, rotary):
-        llm = runtime.load(path, n_ctx=256, n_threads=2).llm
-        llm.eval(PROMPT)
-        logits.append(runtime.last_logits(llm))
-        llm.close()
+        engine = stock_engine(path, ctx=256, threads=2)
+        engine.complete(prompt_ids, 0)
+        logits.append(engine.logits())
     assert np.array_equal(*logits)
     cal, source = load_calibration(index)
     assert source == "rotary.* metadata" and sum(cal.generated_counts[0]) == cal.generated_tokens * N_USED
@@ -78,14 +74,15 @@ def test_stale_sidecar_is_detected(calibrated, wide_arch_models, tmp_path):
     assert "stale calibration" in json.loads(shown.stdout)["calibration"]["reason"]
 
 
-def test_calibration_seeds_slots_at_load(stand_in, calibrated):
+def test_calibration_seeds_slots_at_load(stand_in, calibrated, open_engine, slot_budget):
     model, _ = calibrated
-    loaded = runtime.load(model, _placement(model, "rotary", 3), n_ctx=256, n_threads=2)
+    engine = open_engine(model, "rtx4060-laptop-8gb", "rotary", ctx=256, threads=2, vram_budget=slot_budget(model, 3))
     popularity = load_calibration(open_index(model))[0].popularity()
-    for layer, resident in loaded.residency.rotator.expert_in.items():
+    for layer, resident in engine.rotation.rotator.expert_in.items():
+        assert len(resident) == 3
         top = sorted(popularity[layer], reverse=True)[:3]
         assert sorted((popularity[layer][e] for e in resident), reverse=True) == top
-    assert loaded.residency.rotator.policy.name == "hybrid"
+    assert engine.rotation.rotator.policy.name == "hybrid"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -98,11 +95,9 @@ def test_calibrate_errors_are_one_line(calibrated, args, message):
     assert out.exit_code == 2 and message in out.stderr and out.stderr.count("\n") == 1
 
 
-def test_plan_predicts_reads_from_calibration(calibrated):
-    from conftest import budget_for_slots
-
+def test_plan_predicts_reads_from_calibration(calibrated, slot_budget):
     model, _ = calibrated
-    budget = budget_for_slots(model, 3)
+    budget = slot_budget(model, 3)
     out = CliRunner().invoke(main, ["plan", str(model), "--profile", "rtx4060-laptop-8gb", "--placement", "rotary",
                                     "--vram-budget", f"{budget}B", "--ctx", "256", "--json"])
     assert out.exit_code == 0, out.output

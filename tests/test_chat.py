@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rotary_gguf.chat import ChatTemplate, TemplateError
 from rotary_gguf.synth import PRESETS, synth_model
+from rotary_gguf.template import ChatTemplate, TemplateError
 
 pexpect = pytest.importorskip("pexpect")
 ROTARY = str(Path(sys.executable).parent / "rotary")
@@ -39,20 +39,20 @@ def test_chat_turns_stats_reset_exit(tiny_model):
     assert child.exitstatus == 0
 
 
-def test_chat_stats_show_rotation(tiny_model):
+def test_chat_stats_show_rotation(tiny_model, slot_budget):
     import os
 
-    from conftest import budget_for_slots
-
-    budget = budget_for_slots(tiny_model, 3)  # 3 of the 8 experts of each layer
+    budget = slot_budget(tiny_model, 3)  # 3 of the 8 experts of each layer
     env = {**os.environ, "ROTARY_SCHED_DEVICE": "cpu"}
     child = _spawn(tiny_model, "-n", "24", "--placement", "rotary", "--vram-budget", f"{budget}B", "--ctx", "256",
-                   profile="rtx4060-laptop-8gb", env=env)
+                   "--policy", "lru", profile="rtx4060-laptop-8gb", env=env)
     child.sendline("Hello, which experts are hot today?")
     child.expect("> ")
     child.sendline("/stats")
-    child.expect(r"rotary +[0-9.]+% of the last reply's expert reads from slots \(\d+ device, \d+ host\); "
-                 r"policy hybrid: \d+ admitted, \d+ evicted, [0-9.]+ \w+ copied, copy stalls [0-9.]+ ms")
+    # The policy asked for and the profile's PCIe bandwidth (12 GB/s) reach the rotation.
+    child.expect(r"rotary +[0-9.]+% of expert reads from slots \(\d+ device, \d+ host\); policy lru; copy budget "
+                 r"0.5 x PCIe 12 GB/s x measured token time \([0-9.]+ \w+/token now\); \d+ admitted, \d+ evicted, "
+                 r"[0-9.]+ \w+ copied, copy stalls [0-9.]+ ms")
     child.expect("> ")
     child.sendline("/exit")
     child.expect(pexpect.EOF)

@@ -15,55 +15,61 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import budget_for_slots
 
-from rotary_gguf import runtime
 from rotary_gguf.cli import main
-from rotary_gguf.gguf import open_index
-from rotary_gguf.plan import plan_placement
 from rotary_gguf.plugin import Plugin, PluginError, plugin_path
 from rotary_gguf.profile import load_profile
+from rotary_gguf.runtime import Engine, EngineOptions, prepare
 from rotary_gguf.synth import ARCHITECTURES
 
 PROMPT = list(range(10, 58))  # 48 tokens of the embedded vocabulary: one prompt batch
 GPU_PROFILE = load_profile("rtx4060-laptop-8gb")
 
 
-def _placement(path: Path, strategy: str, slots: int = 0):
-    base = plan_placement(open_index(path), GPU_PROFILE, strategy=strategy, vram_budget=4 * 2**30, ctx=256)
-    return replace(base, expert_slots=tuple((layer, slots) for layer, _ in base.expert_slots))
+@pytest.fixture
+def load():
+    """load(path, strategy, slots=0, **options) -> Engine with exactly `slots` slots per layer (odd experts
+    resident first), closed at teardown."""
+    opened: list[Engine] = []
+
+    def open_with(path: Path, strategy: str, slots: int = 0, **options) -> Engine:
+        setup = prepare(path, GPU_PROFILE, strategy, EngineOptions(ctx=256, threads=2, vram_budget=4 * 2**30,
+                                                                  **options), runnable=False)
+        placement = replace(setup.placement,
+                            expert_slots=tuple((layer, slots) for layer, _ in setup.placement.expert_slots))
+        engine = Engine.from_setup(replace(setup, placement=placement))
+        opened.append(engine)
+        if engine.rotation:
+            for layer, n in engine.rotation.slots.items():
+                odd_first = sorted(range(engine.rotation.plugin.n_expert(layer)), key=lambda e: (e % 2 == 0, e))
+                engine.rotation.plugin.set_resident(layer, odd_first[:n])
+        return engine
+
+    yield open_with
+    for engine in opened:
+        engine.close()
 
 
-def _load(path: Path, strategy: str, slots: int = 0) -> runtime.LoadedModel:
-    model = runtime.load(path, _placement(path, strategy, slots), n_ctx=256, n_threads=2)
-    if model.residency:
-        for layer, n in model.residency.slots.items():
-            odd_first = sorted(range(model.residency.plugin.n_expert(layer)), key=lambda e: (e % 2 == 0, e))
-            model.residency.plugin.set_resident(layer, odd_first[:n])
-    return model
-
-
-def _logits(model: runtime.LoadedModel) -> tuple[np.ndarray, np.ndarray]:
+def _logits(engine: Engine) -> tuple[np.ndarray, np.ndarray]:
     """Logits after the prompt batch and after one decoded token."""
-    model.llm.reset()
-    model.llm.eval(PROMPT)
-    batch = runtime.last_logits(model.llm)
-    model.llm.eval([int(np.argmax(batch))])
-    return batch, runtime.last_logits(model.llm)
+    engine.evaluate(PROMPT)
+    batch = engine.logits()
+    engine.evaluate([int(np.argmax(batch))], append=True)
+    return batch, engine.logits()
 
 
-def _split(model: runtime.LoadedModel) -> tuple[int, int]:
-    stats = model.residency.layer_stats()
+def _split(engine: Engine) -> tuple[int, int]:
+    stats = engine.rotation.layer_stats()
     return sum(s.device_pairs for s in stats), sum(s.host_pairs for s in stats)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_f32_logits_equal_without_plugin(stand_in, wide_arch_models, arch):
+def test_f32_logits_equal_without_plugin(stand_in, wide_arch_models, arch, load):
     path = wide_arch_models[(arch, "f32")]
-    reference = _logits(_load(path, "experts-on-host"))
+    reference = _logits(load(path, "experts-on-host"))
     for slots in (0, 3, 8):
-        model = _load(path, "rotary", slots)
-        model.residency.plugin.reset_stats()
+        model = load(path, "rotary", slots)
+        model.rotation.plugin.reset_stats()
         batch, decode = _logits(model)
         device, host = _split(model)
         assert np.abs(batch - reference[0]).max() <= 1e-5, (arch, slots)
@@ -73,13 +79,13 @@ def test_f32_logits_equal_without_plugin(stand_in, wide_arch_models, arch):
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k_m"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_greedy_tokens_equal_without_plugin(stand_in, wide_arch_models, arch, qtype):
+def test_greedy_tokens_equal_without_plugin(stand_in, wide_arch_models, arch, qtype, load):
     path = wide_arch_models[(arch, qtype)]
-    reference = runtime.generate_ids(_load(path, "experts-on-host").llm, PROMPT, 64, ignore_eos=True).tokens
+    reference = load(path, "experts-on-host").complete(PROMPT, 64, ignore_eos=True).tokens
     for slots in (0, 3, 8):
-        model = _load(path, "rotary", slots)
-        # The residency seeds its slots from the prompt's routing before the decode starts.
-        tokens = runtime.generate_ids(model.llm, PROMPT, 64, ignore_eos=True, residency=model.residency).tokens
+        model = load(path, "rotary", slots)
+        # The rotation seeds the slots from the prompt's routing before the decode starts.
+        tokens = model.complete(PROMPT, 64, ignore_eos=True).tokens
         device, host = _split(model)
         assert tokens == reference, (arch, qtype, slots)
         assert device + host == 64 * 2 * 2  # decoded tokens x layers x experts used
@@ -95,7 +101,7 @@ class _Tensor(ctypes.Structure):
                 ("view_offs", ctypes.c_size_t), ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64)]
 
 
-def _eval_callback_counts(path: Path, tokens: list[int]) -> dict[int, Counter]:
+def _eval_callback_counts(load, path: Path, tokens: list[int]) -> dict[int, Counter]:
     """Expert selections per layer read from every ffn_moe_topk node by llama.cpp's eval callback."""
     import llama_cpp
 
@@ -123,41 +129,39 @@ def _eval_callback_counts(path: Path, tokens: list[int]) -> dict[int, Counter]:
 
     llama_cpp.llama_cpp.llama_context_default_params = with_callback
     try:
-        model = runtime.load(path, _placement(path, "experts-on-host"), n_ctx=256, n_threads=2)
+        model = load(path, "experts-on-host")
     finally:
         llama_cpp.llama_cpp.llama_context_default_params = original
-    model.llm.reset()
-    model.llm.eval(tokens)
+    model.evaluate(tokens)
     return counts
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "gpt-oss"])
-def test_routing_counts_equal_an_eval_callback(stand_in, wide_arch_models, arch):
+def test_routing_counts_equal_an_eval_callback(stand_in, wide_arch_models, arch, load):
     path = wide_arch_models[(arch, "q8_0")]
-    expected = _eval_callback_counts(path, PROMPT)
-    model = _load(path, "rotary", 3)
-    model.residency.plugin.reset_stats()
-    model.llm.reset()
-    model.llm.eval(PROMPT)
-    for stats in model.residency.layer_stats():
+    expected = _eval_callback_counts(load, path, PROMPT)
+    model = load(path, "rotary", 3)
+    model.rotation.plugin.reset_stats()
+    model.evaluate(PROMPT)
+    for stats in model.rotation.layer_stats():
         assert dict(enumerate(stats.counts)) == {e: expected[stats.layer][e] for e in range(len(stats.counts))}
         assert stats.device_pairs + stats.host_pairs == sum(expected[stats.layer].values())
 
 
-def test_prompt_seeds_slots_with_its_most_used_experts(stand_in, wide_arch_models):
+def test_prompt_seeds_slots_with_its_most_used_experts(stand_in, wide_arch_models, load):
     path = wide_arch_models[("qwen3moe", "q8_0")]
-    expected = _eval_callback_counts(path, PROMPT)
-    model = _load(path, "rotary", 3)
-    runtime.generate_ids(model.llm, PROMPT, 0, residency=model.residency)  # the prompt only: no rotation yet
-    for layer, resident in model.residency.rotator.expert_in.items():
-        n_expert = model.residency.plugin.n_expert(layer)
+    expected = _eval_callback_counts(load, path, PROMPT)
+    model = load(path, "rotary", 3)
+    model.complete(PROMPT, 0)  # the prompt only: no rotation yet
+    for layer, resident in model.rotation.rotator.expert_in.items():
+        n_expert = model.rotation.plugin.n_expert(layer)
         top = sorted((expected[layer][e] for e in range(n_expert)), reverse=True)[:3]
         assert sorted((expected[layer][e] for e in resident), reverse=True) == top
 
 
-def test_plugin_api_errors_are_plugin_errors(stand_in, wide_arch_models):
-    model = _load(wide_arch_models[("qwen3moe", "q8_0")], "rotary", 3)
-    plugin = model.residency.plugin
+def test_plugin_api_errors_are_plugin_errors(stand_in, wide_arch_models, load):
+    model = load(wide_arch_models[("qwen3moe", "q8_0")], "rotary", 3)
+    plugin = model.rotation.plugin
     with pytest.raises(PluginError, match="out of range or repeated"):
         plugin.set_resident(0, [1, 1])
     with pytest.raises(PluginError, match="4 experts for 3 slots"):
@@ -167,7 +171,7 @@ def test_plugin_api_errors_are_plugin_errors(stand_in, wide_arch_models):
 
 
 def test_foreign_build_is_refused():
-    with pytest.raises(PluginError, match="built as 'rotary-sched 1; llama-cpp-python 0.3.36.*rotary plugin build"):
+    with pytest.raises(PluginError, match=r"built as 'rotary-sched \d+; llama-cpp-python 0.3.36.*rotary plugin build"):
         Plugin(plugin_path(), "9.9.9")
     with pytest.raises(PluginError, match="cannot load the scheduler plugin"):
         Plugin(Path("/nonexistent/librotary_sched.so"), "0.3.36")
@@ -193,12 +197,12 @@ def test_rotary_falls_back_to_layer_fill_in_one_line(tiny_model, env, reason):
     assert "Traceback" not in done.stderr
 
 
-def test_bench_json_reports_the_rotary_placement(stand_in, wide_arch_models):
+def test_bench_json_reports_the_rotary_placement(stand_in, wide_arch_models, slot_budget):
     path = wide_arch_models[("qwen3moe", "q8_0")]
-    budget = budget_for_slots(path, 3)
+    budget = slot_budget(path, 3)
     out = CliRunner().invoke(main, ["bench", str(path), "--profile", "rtx4060-laptop-8gb", "--vram-budget",
                                     f"{budget}B", "--ctx", "256", "--prompt-tokens", "32", "--tokens", "16",
-                                    "--threads", "2", "--json"])
+                                    "--threads", "2", "-r", "2", "--json"])
     assert out.exit_code == 0, out.output
     placements = {p["name"]: p for p in json.loads(out.stdout)["placements"]}
     assert set(placements) == {"layer-fill", "experts-on-host", "rotary"}
@@ -209,20 +213,20 @@ def test_bench_json_reports_the_rotary_placement(stand_in, wide_arch_models):
     assert rotary["predicted_vram_bytes"] <= budget
 
 
-def test_repacked_host_experts_are_served(stand_in, wide_arch_models):
+def test_repacked_host_experts_are_served(stand_in, wide_arch_models, load):
     """With llama.cpp's CPU repacking (--repack) the plugin still claims the expert FFN: with no slots it
     computes from the repacked copy exactly as llama.cpp does; slots compute from the file's layout."""
     path = wide_arch_models[("qwen3moe", "q4_k_m")]
-    host = runtime.load(path, _placement(path, "experts-on-host"), n_ctx=256, n_threads=2, repack=True)
+    host = load(path, "experts-on-host", repack=True)
     assert any("CPU_REPACK" in line for line in host.log_lines)
     reference = _logits(host)
     for slots in (0, 8):
-        model = runtime.load(path, _placement(path, "rotary", slots), n_ctx=256, n_threads=2, repack=True)
-        for layer, n in model.residency.slots.items():
-            model.residency.plugin.set_resident(layer, list(range(n)))
-        model.residency.plugin.reset_stats()
+        model = load(path, "rotary", slots, repack=True)
+        for layer, n in model.rotation.slots.items():
+            model.rotation.plugin.set_resident(layer, list(range(n)))
+        model.rotation.plugin.reset_stats()
         batch, _ = _logits(model)
-        assert model.residency.plugin.stats()["graph_calls"] > 0
+        assert model.rotation.plugin.stats().graph_calls > 0
         if slots == 0:
             assert np.array_equal(batch, reference[0])
         else:
@@ -230,30 +234,28 @@ def test_repacked_host_experts_are_served(stand_in, wide_arch_models):
             assert np.abs(batch - reference[0]).max() <= 0.05 * np.abs(reference[0]).max()
 
 
-def test_large_prompt_batches_are_left_to_llama_cpp(stand_in, wide_arch_models):
+def test_large_prompt_batches_are_left_to_llama_cpp(stand_in, wide_arch_models, load):
     """Above the batch threshold (a GPU's: 32) the plugin claims nothing of a batch - not even the
     activations between the expert matmuls - and decode steps still come to it."""
     path = wide_arch_models[("qwen3moe", "f32")]
-    reference = _logits(_load(path, "experts-on-host"))
-    model = runtime.load(path, _placement(path, "rotary", 3), n_ctx=256, n_threads=2, rotation={"max_batch": 8})
-    plugin = model.residency.plugin
+    reference = _logits(load(path, "experts-on-host"))
+    model = load(path, "rotary", 3, max_batch=8)
+    plugin = model.rotation.plugin
     plugin.reset_stats()
-    model.llm.reset()
-    model.llm.eval(PROMPT)
-    assert plugin.stats()["graph_calls"] == 1  # only the last layer, which routes just the logits token
-    batch = runtime.last_logits(model.llm)
-    model.llm.eval([int(np.argmax(batch))])
-    assert plugin.stats()["graph_calls"] == 3  # then one split per MoE layer
+    model.evaluate(PROMPT)
+    assert plugin.stats().graph_calls == 1  # only the last layer, which routes just the logits token
+    batch = model.logits()
+    model.evaluate([int(np.argmax(batch))], append=True)
+    assert plugin.stats().graph_calls == 3  # then one split per MoE layer
     assert np.abs(batch - reference[0]).max() <= 1e-5
-    assert np.abs(runtime.last_logits(model.llm) - reference[1]).max() <= 1e-5
+    assert np.abs(model.logits() - reference[1]).max() <= 1e-5
 
 
 @pytest.mark.parametrize("arch, per_block", [("qwen3moe", 1), ("llama", 1), ("olmoe", 1), ("gpt-oss", 3)])
-def test_expert_ffn_runs_as_one_chain(stand_in, wide_arch_models, arch, per_block):
+def test_expert_ffn_runs_as_one_chain(stand_in, wide_arch_models, arch, per_block, load):
     """gate, up, activation and down of the resident pairs run as one chain (one upload, one download per
     block on a GPU); gpt-oss's biased experts fall back to one matmul at a time."""
-    model = _load(wide_arch_models[(arch, "q8_0")], "rotary", 3)
-    model.residency.plugin.reset_stats()
-    model.llm.reset()
-    model.llm.eval(PROMPT)
-    assert model.residency.plugin.stats()["split_matmuls"] == 2 * per_block
+    model = load(wide_arch_models[(arch, "q8_0")], "rotary", 3)
+    model.rotation.plugin.reset_stats()
+    model.evaluate(PROMPT)
+    assert model.rotation.plugin.stats().split_matmuls == 2 * per_block

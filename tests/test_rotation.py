@@ -9,54 +9,63 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_plugin import PROMPT, _placement
 
-from rotary_gguf import runtime
+from rotary_gguf.bench import WARMUP_TOKENS
 from rotary_gguf.cli import main
 from rotary_gguf.gguf import open_index
 from rotary_gguf.profile import load_profile
 from rotary_gguf.rotation import POLICIES, LayerShape, Rotator, make_policy
+from rotary_gguf.runtime import Engine, EngineOptions
 from rotary_gguf.simulate import simulate
 from rotary_gguf.synth import ARCHITECTURES
-from rotary_gguf.trace import TraceError, TraceHeader, TraceWriter, read_trace, synthetic_trace, write_trace
+from rotary_gguf.trace import TraceError, read_trace, synthetic_trace, write_trace
 
 PROFILE = load_profile("rtx4060-laptop-8gb")
 
 
-def _rotary(path: Path, slots: int, **rotation) -> runtime.LoadedModel:
-    return runtime.load(path, _placement(path, "rotary", slots), n_ctx=256, n_threads=2, rotation=rotation)
+@pytest.fixture
+def rotary(open_engine, slot_budget):
+    """rotary(path, slots, **options) -> an engine with `slots` slots per layer on the laptop profile."""
+    def open_with(path: Path, slots: int, **options) -> Engine:
+        return open_engine(path, "rtx4060-laptop-8gb", "rotary", ctx=256, threads=2,
+                           vram_budget=slot_budget(path, slots), **options)
+
+    return open_with
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_rotation_never_changes_outputs(stand_in, wide_arch_models, arch):
+def test_rotation_never_changes_outputs(stand_in, wide_arch_models, arch, rotary, open_engine, prompt_ids):
     path = wide_arch_models[(arch, "q8_0")]
-    plain = runtime.load(path, _placement(path, "experts-on-host"), n_ctx=256, n_threads=2)
-    reference = runtime.generate_ids(plain.llm, PROMPT, 64, ignore_eos=True).tokens
-    model = _rotary(path, 3, policy="lru")
-    tokens = runtime.generate_ids(model.llm, PROMPT, 64, ignore_eos=True, residency=model.residency).tokens
-    stats = model.residency.layer_stats()
+    plain = open_engine(path, "rtx4060-laptop-8gb", "experts-on-host", ctx=256, threads=2)
+    reference = plain.complete(prompt_ids, 64, ignore_eos=True).tokens
+    model = rotary(path, 3, policy="lru")
+    assert set(model.rotation.slots.values()) == {3}
+    tokens = model.complete(prompt_ids, 64, ignore_eos=True).tokens
+    stats = model.rotation.layer_stats()
     assert tokens == reference
     assert sum(s.evictions for s in stats) > 10  # the slots churned all along
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_simulator_reproduces_the_plugin_on_its_trace(stand_in, wide_arch_models, tmp_path, policy):
+def test_simulator_reproduces_the_plugin_on_its_trace(stand_in, wide_arch_models, tmp_path, policy, slot_budget,
+                                                     prompt_ids):
     path = wide_arch_models[("qwen3moe", "q8_0")]
     budget = 2 * open_index(path).slot_bytes(0)  # two experts per token: the budget binds
-    writer = TraceWriter(tmp_path / "run.rtrc", TraceHeader.for_model(open_index(path)))
-    model = _rotary(path, 3, policy=policy, budget_bytes=budget, trace=writer)
-    plugin_hits = 0
-    for prompt in (PROMPT, PROMPT[::-1]):  # two requests (the plugin's counters restart with each)
-        runtime.generate_ids(model.llm, prompt, 40, ignore_eos=True, residency=model.residency)
-        plugin_hits += sum(s.device_pairs for s in model.residency.layer_stats())
-    writer.close()
-    trace = read_trace(tmp_path / "run.rtrc")
+    options = EngineOptions(ctx=256, threads=2, vram_budget=slot_budget(path, 3), policy=policy, copy_budget=budget,
+                            trace=tmp_path / "run.rtrc")
+    with Engine.open(path, "rtx4060-laptop-8gb", "rotary", options) as model:
+        plugin_hits = 0
+        for prompt in (prompt_ids, prompt_ids[::-1]):  # two requests (the plugin's counters restart with each)
+            model.complete(prompt, 40, ignore_eos=True)
+            plugin_hits += sum(s.device_pairs for s in model.rotation.layer_stats())
+        rotator = model.rotation.rotator
+        copied = sum(s.bytes_copied for s in model.rotation.layer_stats())
+    trace = read_trace(tmp_path / "run.rtrc")  # written when the engine closed
     assert trace.decode_steps == 80
     result = simulate(trace, 3, policy, PROFILE, budget_bytes=budget)
-    rotator = model.residency.rotator
     assert plugin_hits / (80 * 2 * 2) == result.hit_rate  # exactly: the same decisions on the same routing
     assert max(rotator.copied_per_token) <= budget and max(rotator.copied_per_token) > 0
-    assert sum(s.bytes_copied for s in model.residency.layer_stats()) == sum(rotator.copied_per_token[-40:])
+    assert copied == sum(rotator.copied_per_token[-40:])
 
 
 def test_budget_bounds_copies_per_token():
@@ -113,17 +122,16 @@ def test_replay_substitutes_the_traces_routing(stand_in, wide_arch_models, tmp_p
     out = CliRunner().invoke(main, ["bench", str(path), "--placement", "rotary", "--profile", "rtx4060-laptop-8gb",
                                     "--ctx", "256", "--prompt-tokens", "16", "--tokens", "8", "--threads", "2",
                                     "--replay", str(tmp_path / "replay.rtrc"), "--trace", str(tmp_path / "seen.rtrc"),
-                                    "--json"])
+                                    "-r", "1", "--json"])
     assert out.exit_code == 0, out.output
     rotary = json.loads(out.stdout)["placements"][0]["rotary"]
-    assert rotary["routing"].startswith("replayed from replay.rtrc (synthetic trace")
+    assert rotary["routing"].startswith("replayed from replay.rtrc (synthetic trace; outputs are not the model's)")
     seen = read_trace(tmp_path / "seen.rtrc")
-    for layer in (0, 1):
-        replayed = np.concatenate([routing[layer] for _, routing in trace.steps])
-        recorded = np.concatenate([routing[layer] for _, routing in seen.steps])
-        # The last layer of the prompt routes only the token that needs logits; earlier layers all 16.
-        assert np.array_equal(recorded[:len(recorded) - 16 if layer else len(recorded)],
-                              replayed[:len(recorded) - 16 if layer else len(recorded)])
+    assert seen.decode_steps == WARMUP_TOKENS + 8  # the warm-up request, then the measured one
+    # Layer 0 routes every token of both prompts and every decoded token: the replayed ids, in order.
+    replayed = np.concatenate([routing[0] for _, routing in trace.steps])
+    recorded = np.concatenate([routing[0] for _, routing in seen.steps])
+    assert np.array_equal(recorded, replayed[:len(recorded)])
 
 
 def test_trace_show_and_plugin_status(stand_in, tmp_path):
@@ -132,5 +140,5 @@ def test_trace_show_and_plugin_status(stand_in, tmp_path):
     shown = json.loads(runner.invoke(main, ["trace", "show", str(tmp_path / "t.rtrc")]).stdout)
     assert shown["synthetic"] and shown["decode_steps"] == 5 and shown["n_expert"] == 8
     status = runner.invoke(main, ["plugin", "status"])
-    assert status.exit_code == 0 and "rotary-sched 1; llama-cpp-python 0.3.36" in status.output
+    assert status.exit_code == 0 and "; llama-cpp-python 0.3.36; ggml backend API" in status.output
     assert "slots on CPU" in status.output

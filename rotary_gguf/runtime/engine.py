@@ -16,7 +16,7 @@ from rotary_gguf.plan import Placement, plan_placement
 from rotary_gguf.profile import Profile, load_profile
 from rotary_gguf.rotation import Rotation
 from rotary_gguf.runtime import scheduler
-from rotary_gguf.runtime.generation import Generation, Sampling, Stream, context_size
+from rotary_gguf.runtime.generation import Generation, Sampling, Stream, context_size, reuse_cache
 from rotary_gguf.runtime.llama import Buffer, gpu_device_name, llama_cpp
 from rotary_gguf.runtime.loader import LoadedLlama, dry_run, load_llama
 from rotary_gguf.runtime.options import EngineOptions
@@ -207,6 +207,13 @@ class Engine:
 
     def _finished(self, generation: Generation) -> None:
         self.last = generation
+
+    def evaluate(self, ids: list[int], *, append: bool = False) -> None:
+        """Evaluate tokens with no sampling and no rotation step: from an empty cache, or after what is
+        already evaluated (append=True). logits() then reads the last token's."""
+        if not append:
+            reuse_cache(self._llm, ids, keep_state=False)
+        self._llm.eval(list(ids))
 
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated token, read from llama.cpp."""
