@@ -1,12 +1,22 @@
-"""Fixtures: tiny synthetic models generated into a session temp folder, run by the real llama.cpp."""
+"""Fixtures shared by every test module: tiny synthetic models generated into a session temp folder and run
+by the real llama.cpp, engines that close at teardown, a private cache, and the `gpu` marker.
+
+Test modules take these as fixtures; nothing imports from conftest."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from gguf import GGUFWriter
 
+from rotary_gguf.gguf import open_index
+from rotary_gguf.plan import plan_placement, rotary_scratch_bytes
+from rotary_gguf.profile import Profile, load_profile
+from rotary_gguf.runtime import Engine, EngineOptions, gpu_device_name, quantize
 from rotary_gguf.synth import ARCHITECTURES, PRESETS, ModelSpec, synth_model
 from rotary_gguf.synth.spec import for_arch
 
@@ -14,6 +24,28 @@ TINY = PRESETS["tiny"]
 # Rows of 256 so that every type, K-quants included, stores the experts without fallback.
 WIDE = replace(TINY, n_embd=256, n_ff_exp=256, head_dim=64)
 ARCH_SPECS: dict[str, ModelSpec] = {arch: for_arch(TINY, arch) for arch in ARCHITECTURES}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped unless this llama.cpp build has a GPU backend."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    if gpu_device_name() is None:
+        skip = pytest.mark.skip(reason="needs a GPU backend; this llama.cpp build has none")
+        for item in marked:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rotary_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """ROTARY_CACHE is one temp folder for the whole session, set before any other fixture runs: tests never
+    write into the user's cache, and what they download or build there happens at most once per session.
+    A test may point it elsewhere with monkeypatch; the session folder is back after that test."""
+    folder = tmp_path_factory.mktemp("rotary-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ROTARY_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
@@ -44,21 +76,13 @@ def wide_arch_models(models_dir: Path) -> dict[tuple[str, str], Path]:
     """Every architecture layout at rows of 256: F32 and Q8_0 written directly, and Q4_K_M made from the
     F32 file by llama.cpp's own quantizer (Q4_K with Q6_K down projections in some layers):
     (arch, type) -> path."""
-    from rotary_gguf import runtime
-
     models = {}
     for arch in ARCHITECTURES:
         for q in ("f32", "q8_0"):
             models[(arch, q)] = synth_model(models_dir / f"wide-{arch}-{q}.gguf", for_arch(WIDE, arch), q, seed=7).path
         models[(arch, "q4_k_m")] = models_dir / f"wide-{arch}-q4_k_m.gguf"
-        runtime.quantize(models[(arch, "f32")], models[(arch, "q4_k_m")], "q4_k_m", n_threads=2)
+        quantize(models[(arch, "f32")], models[(arch, "q4_k_m")], "q4_k_m", n_threads=2)
     return models
-
-
-@pytest.fixture
-def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rotary scheduler's CPU stand-in device (this machine has no GPU)."""
-    monkeypatch.setenv("ROTARY_SCHED_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
@@ -73,11 +97,45 @@ def real_shapes_header(models_dir: Path) -> Path:
     return synth_model(models_dir / "q30-sparse.gguf", PRESETS["qwen3-30b-a3b"], "q4_k", sparse=True).path
 
 
-def write_gguf(path: Path, arch: str, tensors: list, **hparams) -> Path:
-    """A small GGUF written with gguf-py: `hparams` name GGUFWriter.add_* calls (block_count=4 calls
-    add_block_count(4)); `tensors` are (name, array) or (name, raw bytes array, ggml type)."""
-    from gguf import GGUFWriter
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rotary scheduler on its CPU stand-in device (a second CPU backend in place of a GPU)."""
+    monkeypatch.setenv("ROTARY_SCHED_DEVICE", "cpu")
 
+
+@pytest.fixture
+def prompt_ids() -> list[int]:
+    """48 tokens of the embedded vocabulary: one prompt batch."""
+    return list(range(10, 58))
+
+
+@pytest.fixture
+def open_engine() -> Iterator[Callable[..., Engine]]:
+    """open_engine(path, profile="cpu-only", placement="experts-on-host", **option_fields) -> Engine:
+    Engine.open with EngineOptions(**option_fields) (unset fields are the profile's); every engine it
+    opened is closed at teardown."""
+    with contextlib.ExitStack() as opened:
+        def open_(path: Path, profile: Profile | str = "cpu-only", placement: str = "experts-on-host",
+                  **option_fields: object) -> Engine:
+            engine = Engine.open(path, profile, placement, EngineOptions(**option_fields))
+            opened.callback(engine.close)
+            return engine
+
+        yield open_
+
+
+@pytest.fixture
+def stock_engine(open_engine: Callable[..., Engine]) -> Callable[..., Engine]:
+    """stock_engine(path, **option_fields) -> Engine as llama.cpp loads a model by itself: every tensor on the
+    CPU, the experts in llama.cpp's CPU repacking buffers (cpu-only, experts-on-host, repack=True); closed
+    at teardown."""
+    def open_stock(path: Path, **option_fields: object) -> Engine:
+        return open_engine(path, "cpu-only", "experts-on-host", repack=True, **option_fields)
+
+    return open_stock
+
+
+def _write_gguf(path: Path, arch: str, tensors: list, **hparams: object) -> Path:
     writer = GGUFWriter(path, arch)
     for key, value in hparams.items():
         getattr(writer, f"add_{key}")(value)
@@ -90,13 +148,23 @@ def write_gguf(path: Path, arch: str, tensors: list, **hparams) -> Path:
     return path
 
 
-def budget_for_slots(path: Path, slots: int, ctx: int = 256) -> int:
-    """The VRAM budget (rtx4060-laptop-8gb profile) whose rotary plan holds `slots` experts per layer."""
-    from rotary_gguf.gguf import open_index
-    from rotary_gguf.plan import plan_placement, rotary_scratch_bytes
-    from rotary_gguf.profile import load_profile
+@pytest.fixture
+def write_gguf() -> Callable[..., Path]:
+    """write_gguf(path, arch, tensors, **hparams) -> path: a small GGUF written with gguf-py; `hparams` name
+    GGUFWriter.add_* calls (block_count=4 calls add_block_count(4)); `tensors` are (name, array) or
+    (name, raw bytes array, ggml type)."""
+    return _write_gguf
 
+
+def _budget_for_slots(path: Path, slots: int, ctx: int = 256) -> int:
     index = open_index(path)
     fixed = plan_placement(index, load_profile("rtx4060-laptop-8gb"), strategy="experts-on-host", ctx=ctx)
     per_slot = sum(map(index.slot_bytes, index.moe_layers))
     return fixed.predicted_vram_bytes + rotary_scratch_bytes(index) + slots * per_slot
+
+
+@pytest.fixture
+def slot_budget() -> Callable[..., int]:
+    """slot_budget(path, slots, ctx=256) -> bytes: the VRAM budget (rtx4060-laptop-8gb profile) whose rotary
+    plan holds `slots` experts per layer."""
+    return _budget_for_slots

@@ -73,11 +73,9 @@ def test_help_lists_commands():
 
 
 @pytest.mark.parametrize("arch", ["qwen2moe", "llama", "olmoe", "gpt-oss"])
-def test_synth_other_architectures_run(tmp_path, arch):
-    from rotary_gguf import runtime
-
+def test_synth_other_architectures_run(tmp_path, stock_engine, arch):
     out = tmp_path / f"{arch}.gguf"
     result = CliRunner().invoke(main, ["synth", str(out), "--arch", arch, "--type", "q8_0"])
     assert result.exit_code == 0, result.output
     assert open_index(out).params.arch == arch
-    assert runtime.generate(runtime.load(out).llm, "<|im_start|>user\nhi<|im_end|>\n", 4).prompt_tokens > 0
+    assert stock_engine(out, ctx=512).complete("<|im_start|>user\nhi<|im_end|>\n", 4).prompt_tokens > 0

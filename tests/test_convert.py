@@ -13,7 +13,6 @@ import pytest
 from click.testing import CliRunner
 from gguf import GGUFReader
 
-from rotary_gguf import runtime
 from rotary_gguf.cli import main
 from rotary_gguf.convert import convert
 from rotary_gguf.gguf import open_index
@@ -44,12 +43,11 @@ def reference_converter() -> Path:
     return llama_cpp_converter()
 
 
-def _llama_logits(path: Path) -> np.ndarray:
-    model = runtime.load(path, n_ctx=256, n_threads=2, kv_cache_type="f32")
-    model.llm.eval(IDS)
-    logits = runtime.last_logits(model.llm)
-    model.llm.close()
-    return logits
+def _llama_logits(stock_engine, path: Path) -> np.ndarray:
+    """Last-token logits of IDS in a stock llama.cpp load (f32 KV cache, no flash attention)."""
+    with stock_engine(path, ctx=256, threads=2, kv_cache_type="f32", flash_attention=False, batch=512) as engine:
+        engine.complete(IDS, 0)
+        return engine.logits()
 
 
 def _transformers_logits(folder: Path) -> np.ndarray:
@@ -62,16 +60,16 @@ def _transformers_logits(folder: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_f32_logits_match_transformers(checkpoints, tmp_path, family):
+def test_f32_logits_match_transformers(checkpoints, stock_engine, tmp_path, family):
     out = convert(checkpoints[family], tmp_path / "model.gguf", "f32")
-    assert np.abs(_llama_logits(out) - _transformers_logits(checkpoints[family])).max() <= 1e-4
+    assert np.abs(_llama_logits(stock_engine, out) - _transformers_logits(checkpoints[family])).max() <= 1e-4
 
 
-def test_transformers_5_config_and_shards(tmp_path):
+def test_transformers_5_config_and_shards(stock_engine, tmp_path):
     folder = write_hf_checkpoint(tmp_path / "hf", "qwen3_moe", dtype="bf16", config_style="v5", shards=3)[0].parent
     assert (folder / "model.safetensors.index.json").exists()
     out = convert(folder, tmp_path / "model.gguf", "f32")
-    assert np.abs(_llama_logits(out) - _transformers_logits(folder)).max() <= 1e-4
+    assert np.abs(_llama_logits(stock_engine, out) - _transformers_logits(folder)).max() <= 1e-4
 
 
 @pytest.mark.parametrize("qtype", ["f16", "q8_0"])
@@ -89,7 +87,7 @@ def test_tensors_equal_llama_cpp_converter(checkpoints, reference_converter, tmp
         assert np.array_equal(np.asarray(mine[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
 
 
-def test_k_quant_through_llama_cpp_and_calibrated_output(checkpoints, tmp_path):
+def test_k_quant_through_llama_cpp_and_calibrated_output(checkpoints, stock_engine, tmp_path):
     out = tmp_path / "q4.gguf"
     result = CliRunner().invoke(main, ["convert", str(checkpoints["qwen3_moe"]), "-o", str(out), "--type", "q4_k_m",
                                        "--calibrate", "builtin"])
@@ -98,9 +96,9 @@ def test_k_quant_through_llama_cpp_and_calibrated_output(checkpoints, tmp_path):
     assert {"Q4_K", "Q8_0", "Q6_K", "Q5_K"} & set(index.type_counts) and index.metadata["rotary.format_version"] == 1
     assert all(t.offset % 4096 == 0 for t in index.tensors)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q4.gguf"]
-    model = runtime.load(out, n_ctx=256, n_threads=2)
-    model.llm.eval(IDS)
-    assert np.isfinite(runtime.last_logits(model.llm)).all()
+    engine = stock_engine(out, ctx=256, threads=2)
+    engine.complete(IDS, 0)
+    assert np.isfinite(engine.logits()).all()
 
 
 def _broken(tmp_path: Path, how: str) -> Path:

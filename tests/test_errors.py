@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import write_gguf
 from gguf import GGUFReader
 
 from rotary_gguf.cli import main
@@ -85,7 +84,7 @@ def test_missing_file_and_directory(tmp_path):
             open_index(target)
 
 
-def test_dense_model_to_experts_view(tmp_path):
+def test_dense_model_to_experts_view(tmp_path, write_gguf):
     path = write_gguf(tmp_path / "dense.gguf", "llama", [("blk.0.ffn_up.weight", np.zeros((64, 32), np.float32))],
                       block_count=1)
     with pytest.raises(NotMoEError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import write_gguf
 from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
@@ -110,17 +109,17 @@ def test_classify(name, cls, layer):
     assert (got_cls, got_layer) == (cls, layer)
 
 
-def _write_custom(path, tensors, arch="llama", n_expert=4):
+def _write_custom(write_gguf, path, tensors, arch="llama", n_expert=4):
     return write_gguf(path, arch, tensors, block_count=1, expert_count=n_expert, expert_used_count=2,
                       embedding_length=32)
 
 
-def test_fused_gate_up_and_legacy_per_expert_tensors(tmp_path):
+def test_fused_gate_up_and_legacy_per_expert_tensors(tmp_path, write_gguf):
     rng = np.random.default_rng(0)
     fused = rng.standard_normal((4, 64, 32), dtype=np.float32)  # numpy order: experts, 2*ff, embd
     legacy = [(f"blk.1.ffn_down.{e}.weight", rng.standard_normal((32, 32), dtype=np.float32)) for e in range(4)]
     path = tmp_path / "custom.gguf"
-    _write_custom(path, [("blk.0.ffn_gate_up_exps.weight", fused), *legacy])
+    _write_custom(write_gguf, path, [("blk.0.ffn_gate_up_exps.weight", fused), *legacy])
     index = open_index(path)
     fused_blocks = [b for b in index.experts if b.proj == "gate_up"]
     assert [b.nbytes for b in fused_blocks] == [64 * 32 * 4] * 4
@@ -132,9 +131,9 @@ def test_fused_gate_up_and_legacy_per_expert_tensors(tmp_path):
     assert index.params.n_ff_exp == 32
 
 
-def test_dense_model_is_not_moe(tmp_path):
+def test_dense_model_is_not_moe(tmp_path, write_gguf):
     path = tmp_path / "dense.gguf"
-    _write_custom(path, [("blk.0.ffn_up.weight", np.zeros((64, 32), np.float32))], n_expert=0)
+    _write_custom(write_gguf, path, [("blk.0.ffn_up.weight", np.zeros((64, 32), np.float32))], n_expert=0)
     index = open_index(path)
     assert not index.is_moe
     with pytest.raises(Exception, match="dense model"):
@@ -185,8 +184,7 @@ def _write_split(src, out_dir, max_tensors):
     return sorted(out_dir.glob("split-*-of-*.gguf"))
 
 
-def test_split_model_indexes_every_file(tiny_model, tmp_path):
-    from rotary_gguf import runtime
+def test_split_model_indexes_every_file(tiny_model, tmp_path, stock_engine):
     from rotary_gguf.errors import MalformedGGUFError
 
     files = _write_split(tiny_model, tmp_path, max_tensors=10)
@@ -201,14 +199,14 @@ def test_split_model_indexes_every_file(tiny_model, tmp_path):
         assert bytes(reference[a.offset:a.offset + a.nbytes]) == bytes(raw[b.file][b.offset:b.offset + b.nbytes])
     assert {b.file for b in split.experts} != {0}
     prompt = "<|im_start|>user\nsplit?<|im_end|>\n"
-    assert runtime.generate(runtime.load(files[0]).llm, prompt, 6).tokens == \
-        runtime.generate(runtime.load(tiny_model).llm, prompt, 6).tokens
+    split_tokens = stock_engine(files[0], ctx=512).complete(prompt, 6).tokens
+    assert split_tokens == stock_engine(tiny_model, ctx=512).complete(prompt, 6).tokens
     files[2].unlink()
     with pytest.raises(MalformedGGUFError, match="missing split-00003-of-00003.gguf"):
         open_index(files[0])
 
 
-def test_mxfp4_experts_split_byte_exactly(tmp_path):
+def test_mxfp4_experts_split_byte_exactly(tmp_path, write_gguf):
     """gpt-oss ships its experts in MXFP4 (17-byte blocks of 32): the split is generic over block types."""
     from gguf.quants import quantize
 

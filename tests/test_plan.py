@@ -11,9 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_gguf
 
-from rotary_gguf import runtime
 from rotary_gguf.gguf import TensorClass, open_index
 from rotary_gguf.plan import PlanError, compute_buffer_bytes, estimate_decode_tok_s, kv_cache_bytes, plan_placement
 from rotary_gguf.profile import load_profile
@@ -93,7 +91,7 @@ def test_cpu_only_keeps_experts_in_the_mmap(tiny_model):
     assert len(placement.overrides) == 1
 
 
-def test_dense_model_places_whole_layers(tmp_path):
+def test_dense_model_places_whole_layers(tmp_path, write_gguf):
     zeros = np.zeros
     tensors = [("token_embd.weight", zeros((1000, 64), np.float32)), ("output.weight", zeros((1000, 64), np.float32))]
     tensors += [(f"blk.{i}.ffn_up.weight", zeros((4096, 64), np.float32)) for i in range(4)]
@@ -107,20 +105,18 @@ def test_dense_model_places_whole_layers(tmp_path):
 
 
 @pytest.mark.parametrize("ctx, kv_type", [(512, "f16"), (2048, "f32")])
-def test_kv_cache_matches_llama_cpp(arch_models, ctx, kv_type):
+def test_kv_cache_matches_llama_cpp(arch_models, stock_engine, ctx, kv_type):
     for arch in ("qwen3moe", "qwen2moe", "gpt-oss"):
         path = arch_models[arch]
-        model = runtime.load(path, n_ctx=ctx, kv_cache_type=kv_type)
-        measured = model.buffer_bytes(kind="KV")
-        model.llm.close()
+        with stock_engine(path, ctx=ctx, kv_cache_type=kv_type, flash_attention=False) as engine:
+            measured = engine.buffer_bytes(kind="KV")
         # llama.cpp logs MiB with two decimals: compare to that precision
         assert abs(measured - kv_cache_bytes(open_index(path), ctx, kv_type)) <= 0.01 * 2**20, arch
 
 
-def test_quantized_kv_cache_matches_llama_cpp(small_model):
-    model = runtime.load(small_model, n_ctx=1024, kv_cache_type="q8_0", flash_attn=True)
-    measured = model.buffer_bytes(kind="KV")
-    model.llm.close()
+def test_quantized_kv_cache_matches_llama_cpp(small_model, stock_engine):
+    with stock_engine(small_model, ctx=1024, kv_cache_type="q8_0", flash_attention=True) as engine:
+        measured = engine.buffer_bytes(kind="KV")
     assert abs(measured - kv_cache_bytes(open_index(small_model), 1024, "q8_0")) <= 0.01 * 2**20
 
 
@@ -130,10 +126,9 @@ def test_quantized_kv_needs_divisible_heads(tiny_model):
 
 
 @pytest.mark.parametrize("ctx, ubatch, flash", [(512, 512, False), (2048, 128, True), (4096, 512, True)])
-def test_compute_estimate_errs_high_against_llama_cpp(small_model, ctx, ubatch, flash):
-    model = runtime.load(small_model, n_ctx=ctx, n_batch=512, n_ubatch=ubatch, flash_attn=flash)
-    measured = model.buffer_bytes(kind="compute")
-    model.llm.close()
+def test_compute_estimate_errs_high_against_llama_cpp(small_model, stock_engine, ctx, ubatch, flash):
+    with stock_engine(small_model, ctx=ctx, batch=512, ubatch=ubatch, flash_attention=flash) as engine:
+        measured = engine.buffer_bytes(kind="compute")
     estimate = compute_buffer_bytes(open_index(small_model), ctx, ubatch, flash)
     assert measured <= estimate <= 3.5 * measured
 
@@ -150,7 +145,7 @@ def test_host_rss_within_ten_percent(small_model):
     assert 0.9 <= ratio <= 1.1, (run["rss_delta_bytes"], run["predicted_host_bytes"])
 
 
-def test_kv_cache_counts_only_layers_with_kv_heads(tmp_path):
+def test_kv_cache_counts_only_layers_with_kv_heads(tmp_path, write_gguf):
     """Hybrid models give head_count_kv per layer, 0 for recurrent layers: those hold no KV cache."""
     experts = [(f"blk.{i}.ffn_up_exps.weight", np.zeros((4, 32, 64), np.float32)) for i in range(4)]
     path = write_gguf(tmp_path / "hybrid.gguf", "granitehybrid", experts, block_count=4, embedding_length=64,

@@ -83,14 +83,37 @@ def test_parse_size():
             parse_size(bad)
 
 
-def test_detect_without_nvidia_gpu_says_cpu_only():
+def test_detect_names_what_this_machine_has():
+    """Detection on the real machine, whichever it is: a GPU gets a GPU profile named after it, none gets cpu-only."""
     detection = detect_profile()
-    if detection.gpu_name is not None:
-        pytest.skip("this machine has an NVIDIA GPU")
-    assert detection.profile.name == "cpu-only"
-    assert detection.reason.startswith("no NVIDIA GPU")
     result = CliRunner().invoke(main, ["profiles", "detect"])
-    assert result.exit_code == 0 and "cpu-only" in result.stdout and "no NVIDIA GPU" in result.stdout
+    assert result.exit_code == 0 and f"profile        {detection.profile.name}: " in result.stdout
+    if detection.gpu_name is None:
+        assert detection.profile.name == "cpu-only" and detection.reason.startswith("no NVIDIA GPU")
+        assert "GPU            none" in result.stdout and "no NVIDIA GPU" in result.stdout
+    else:
+        assert detection.profile.has_gpu and detection.gpu_name in detection.reason
+        assert detection.profile.vram_total_bytes <= detection.vram_total_bytes * 1.05
+        assert f"GPU            {detection.gpu_name}" in result.stdout
+
+
+@pytest.mark.parametrize("gpu, profile, reason", [
+    ("NVML reports no GPU", "cpu-only", "no NVIDIA GPU: NVML reports no GPU; using cpu-only"),
+    (("NVIDIA GeForce RTX 4060 Laptop GPU", 8 * 2**30, 7 * 2**30), "rtx4060-laptop-8gb", "matches profile rtx4060"),
+    (("NVIDIA Mystery 40GB", 40 * 2**30, 39 * 2**30), "detected", "matches no packaged profile; using 85% of its 40.0"),
+])
+def test_detect_picks_the_profile_for_what_nvml_reports(monkeypatch, gpu, profile, reason):
+    """Each branch of detection, on any machine: NVML's answer stands in for the hardware."""
+    from rotary_gguf import profile as profile_module
+
+    monkeypatch.setattr(profile_module, "_nvml_gpu", lambda: gpu)
+    detection = detect_profile()
+    assert detection.profile.name == profile and reason in detection.reason
+    assert detection.gpu_name == (None if isinstance(gpu, str) else gpu[0])
+    result = CliRunner().invoke(main, ["profiles", "detect"])
+    assert result.exit_code == 0 and f"profile        {profile}: " in result.stdout and reason in result.stdout
+    if profile == "detected":
+        assert detection.profile.vram_budget_bytes == int(0.85 * 40 * 2**30)
 
 
 def test_profiles_commands():

@@ -9,7 +9,6 @@ import pytest
 from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from rotary_gguf import runtime
 from rotary_gguf.errors import SynthError
 from rotary_gguf.gguf import open_index
 from rotary_gguf.synth import PRESETS, synth_model
@@ -86,10 +85,10 @@ def test_spec_validation():
     assert len(names) == len(set(names))
 
 
-def test_tiny_model_generates_tokens_in_llama_cpp(tiny_model):
-    llm = runtime.load(tiny_model).llm
-    first = runtime.generate(llm, PROMPT, 12)
-    again = runtime.generate(llm, PROMPT, 12)
+def test_tiny_model_generates_tokens_in_llama_cpp(tiny_model, stock_engine):
+    engine = stock_engine(tiny_model, ctx=512)
+    first = engine.complete(PROMPT, 12)
+    again = engine.complete(PROMPT, 12)
     assert first.prompt_tokens > 5
     assert len(first.tokens) >= 1
     assert first.tokens == again.tokens  # greedy decoding is deterministic
@@ -97,50 +96,59 @@ def test_tiny_model_generates_tokens_in_llama_cpp(tiny_model):
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "olmoe", "gpt-oss"])
-def test_every_architecture_runs_in_llama_cpp(arch_models, arch):
-    llm = runtime.load(arch_models[arch]).llm
-    generation = runtime.generate(llm, PROMPT, 6)
+def test_every_architecture_runs_in_llama_cpp(arch_models, stock_engine, arch):
+    engine = stock_engine(arch_models[arch], ctx=512)
+    generation = engine.complete(PROMPT, 6)
     assert len(generation.tokens) >= 1 or generation.stopped_at_eos
-    logits = runtime.last_logits(llm)
+    logits = engine.logits()
     assert np.isfinite(logits).all() and logits.std() > 0
 
 
-def test_quantized_model_logits_are_sane(wide_models):
+def test_quantized_model_logits_are_sane(wide_models, stock_engine):
     """Random K-quant weights give finite, non-degenerate logits (a well-conditioned random model)."""
-    llm = runtime.load(wide_models["q4_k"]).llm
-    llm.eval(llm.tokenize(PROMPT.encode(), add_bos=False, special=True))
-    logits = runtime.last_logits(llm)
+    engine = stock_engine(wide_models["q4_k"], ctx=512)
+    engine.complete(PROMPT, 0)
+    logits = engine.logits()
     assert np.isfinite(logits).all()
     assert 0.1 < logits.std() < 100
 
 
-def test_padded_vocabulary_loads_and_tokenizes_like_hf_tokenizers(models_dir):
+def test_padded_vocabulary_loads_and_tokenizes_like_hf_tokenizers(models_dir, stock_engine):
     """The embedded BPE passes llama.cpp's tokenizer loading (also padded to a real model's size),
     and llama.cpp splits text exactly as HF tokenizers does with the same vocabulary."""
     tokenizers = pytest.importorskip("tokenizers")
+    import llama_cpp
+
     from rotary_gguf.synth.hf import write_hf_checkpoint
 
     path = synth_model(models_dir / "pad.gguf", replace(PRESETS["tiny"], n_vocab=2000), "f32").path
-    llm = runtime.load(path).llm
-    assert llm.n_vocab() == 2000
+    engine = stock_engine(path, ctx=512)
+    engine.complete(PROMPT, 0)
+    assert engine.logits().shape == (2000,)
+    # The engine's detokenize leaves control tokens out; llama.cpp's own vocabulary renders them.
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     hf_dir = models_dir / "hf-tok"
     write_hf_checkpoint(hf_dir, "qwen3_moe")
     hf = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
-    for text in ["def main(argv):\n    return 0\n", "The Licensee may copy it. 12345 ÄÖ 東京", PROMPT]:
-        ours = llm.tokenize(text.encode(), add_bos=False, special=True)
-        assert ours == hf.encode(text).ids, text
-        assert llm.detokenize(ours, special=True).decode() == text
+    try:
+        for text in ["def main(argv):\n    return 0\n", "The Licensee may copy it. 12345 ÄÖ 東京", PROMPT]:
+            ours = engine.tokenize(text)
+            assert ours == hf.encode(text).ids, text
+            assert vocab.detokenize(ours, special=True).decode() == text
+            assert engine.detokenize(ours) == hf.decode(ours, skip_special_tokens=True)
+    finally:
+        vocab.close()
 
 
-def test_real_shapes_run_in_llama_cpp(tmp_path):
+def test_real_shapes_run_in_llama_cpp(tmp_path, stock_engine):
     """One layer of the qwen3-30b-a3b preset (real per-layer shapes and 151,936-token vocabulary, Q4_K)
     loads and decodes in llama.cpp, so the full 48-layer file is a valid benchmark model."""
     spec = replace(PRESETS["qwen3-30b-a3b"], n_layer=1)
     path = synth_model(tmp_path / "q30-1layer.gguf", spec, "q4_k").path
     index = open_index(path)
     assert index.max_expert_bytes == 3 * 2048 * 768 // 256 * 144
-    llm = runtime.load(path, n_ctx=256).llm
-    generation = runtime.generate(llm, PROMPT, 4)
+    engine = stock_engine(path, ctx=256)
+    generation = engine.complete(PROMPT, 4)
     assert len(generation.tokens) >= 1 or generation.stopped_at_eos
-    logits = runtime.last_logits(llm)
+    logits = engine.logits()
     assert logits.shape == (151936,) and np.isfinite(logits).all()
