@@ -26,10 +26,11 @@ def _run(*args: str) -> tuple[str, str]:
 
 
 @pytest.mark.parametrize("profile", profile_names())
-def test_rotary_matches_experts_on_host_under_every_profile(stand_in, tiny_model, profile):
+def test_rotary_matches_experts_on_host_under_every_profile(stand_in, wide_arch_models, profile):
     """cpu-only plans 0 slots per layer (the plugin only counts); the GPU profiles put every expert of the
-    tiny model in the stand-in's slots. Either way the text is experts-on-host's, token for token."""
-    common = [str(tiny_model), FOX, "-n", "24", "--temp", "0", "--profile", profile, "--ctx", "256"]
+    model in the stand-in's slots. Either way the text is experts-on-host's, token for token. (Heads of 64:
+    the 4 GB profile's q8_0 KV cache needs a multiple of 32.)"""
+    common = [str(wide_arch_models[("qwen3moe", "f32")]), FOX, "-n", "24", "--temp", "0", "--profile", profile, "--ctx", "256"]
     reference, _ = _run(*common, "--placement", "experts-on-host")
     text, stderr = _run(*common, "--placement", "rotary")
     assert text == reference
@@ -60,11 +61,13 @@ def test_run_names_the_profiles_policy_and_copy_budget(stand_in, tiny_model, slo
 
 
 def test_engine_options_reach_the_rotator(stand_in, tiny_model, slot_budget, open_engine):
+    # The 4 GB profile's q8_0 KV cache needs heads of 32: the option overrides the profile's KV type.
     engine = open_engine(tiny_model, "rtx3050-laptop-4gb", "rotary", ctx=256, vram_budget=slot_budget(tiny_model, 2),
-                         policy="lru", copy_budget=4096)
+                         policy="lru", copy_budget=4096, kv_cache_type="f16")
     rotation = engine.rotation
     assert rotation.rotator.policy.name == "lru" and rotation.pcie_gbs == 12 and rotation.budget() == 4096
-    assert engine.options.policy == "lru" and engine.options.kv_cache_type == "q8_0"  # the profile's KV type
+    assert engine.options.policy == "lru" and engine.options.kv_cache_type == "f16"
+    assert engine.profile.kv_cache_type == "f16" and engine.options.ubatch == 256  # the profile's ubatch
     engine.complete(FOX, 8, ignore_eos=True)
     stats = engine.stats().rotary
     assert stats.policy == "lru" and stats.copy_budget_bytes_per_token == 4096

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rotary_gguf.calibration import Calibration, load_calibration
+from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex, open_index
 from rotary_gguf.plan import Placement, plan_placement
 from rotary_gguf.profile import Profile, load_profile
@@ -217,6 +218,8 @@ class Engine:
 
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated token, read from llama.cpp."""
+        if self._llm.n_tokens == 0:
+            raise RotaryError("no logits yet: nothing has been evaluated")
         ptr = llama_cpp().llama_get_logits_ith(self._llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._llm.n_vocab(),)).copy()
 

@@ -35,7 +35,9 @@ class Buffer:
 
     @property
     def on_host(self) -> bool:
-        return self.name.upper().startswith("CPU")
+        """Host memory: CPU buffers, and a GPU backend's pinned host buffers (CUDA_Host)."""
+        name = self.name.upper()
+        return name.startswith("CPU") or name.endswith("_HOST")
 
 
 class LogCapture:
