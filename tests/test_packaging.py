@@ -18,6 +18,9 @@ from rotary_gguf.cache import cache_dir
 from rotary_gguf.plugin_build import llama_cpp_python_version
 
 ROOT = Path(__file__).resolve().parents[1]
+# The cache before conftest points ROTARY_CACHE at the session's folder (module import comes first): only read,
+# for the ggml headers setup_env.sh fetched there.
+_SETUP_CACHE = cache_dir()
 _NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                      ".ruff_cache", "*.so", "*.gguf", "*.part")
 
@@ -118,12 +121,16 @@ def test_installed_rotary_runs_from_the_installed_package(installed: Path, tmp_p
 @pytest.mark.slow
 def test_installed_plugin_build_compiles_the_packaged_sources(installed: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    headers = cache_dir() / "ggml-headers" / f"llama-cpp-python-{llama_cpp_python_version()}"
-    if headers.is_dir():  # reuse the headers setup_env.sh fetched rather than download the sdist again
-        (cache / "ggml-headers").mkdir(parents=True)
-        (cache / "ggml-headers" / headers.name).symlink_to(headers)
+    name = f"llama-cpp-python-{llama_cpp_python_version()}"
+    fetched = [folder / "ggml-headers" / name for folder in (cache_dir(), _SETUP_CACHE)]
+    for headers in fetched:  # reuse headers fetched before rather than download the sdist again
+        if (headers / "src" / "ggml-backend-impl.h").is_file():
+            (cache / "ggml-headers").mkdir(parents=True)
+            (cache / "ggml-headers" / name).symlink_to(headers)
+            break
     built = _run(installed, "rotary", "plugin", "build", cwd=tmp_path, ROTARY_CACHE=str(cache))
     assert built.returncode == 0, built.stdout + built.stderr
+    assert ("downloading" in built.stderr) == (not (cache / "ggml-headers").exists())
     package = next(installed.glob("lib/python*/site-packages/rotary_gguf"))
     library = package / "lib" / "librotary_sched.so"
     assert built.stdout.strip() == f"built {library}"
