@@ -1,4 +1,4 @@
-// The C API (rotary_sched.h): model configuration, slots, residency and statistics.
+// The C API (rotary_sched.h) of one model's state: configuration, slots, residency and statistics.
 #include "rotary_sched.h"
 #include "scheduler.h"
 
@@ -58,22 +58,19 @@ const char * rotary_sched_last_error(void) {
     return last_error.c_str();
 }
 
-void rotary_sched_reset(void) {
-    scheduler().reset();
-}
-
-int rotary_sched_add_file(const char * path) {
+int rotary_sched_add_file(rotary_sched_model * model, const char * path) {
+    Scheduler & s = *model->state;
     MappedFile file;
     if (!map_file(path, file)) {
         return -1;
     }
-    scheduler().files.push_back(file);
-    return (int) scheduler().files.size() - 1;
+    s.files.push_back(file);
+    return (int) s.files.size() - 1;
 }
 
-int rotary_sched_add_tensor(const char * name, int file, uint64_t offset, uint64_t expert_bytes, int n_expert,
-                            int type, int64_t ne0, int64_t ne1) {
-    Scheduler & s = scheduler();
+int rotary_sched_add_tensor(rotary_sched_model * model, const char * name, int file, uint64_t offset,
+                            uint64_t expert_bytes, int n_expert, int type, int64_t ne0, int64_t ne1) {
+    Scheduler & s = *model->state;
     const int layer = layer_of(name);
     if (layer < 0 || !is_routed_expert(name)) {
         return fail(std::string(name) + ": not a routed-expert tensor name (blk.N.ffn_*_exps.*)");
@@ -117,14 +114,11 @@ int rotary_sched_add_tensor(const char * name, int file, uint64_t offset, uint64
     return (int) s.tensors.size() - 1;
 }
 
-int rotary_sched_set_slots(int layer, int n_slots) {
-    Scheduler & s = scheduler();
-    Layer * found = find_layer(layer);
+int rotary_sched_set_slots(rotary_sched_model * model, int layer, int n_slots) {
+    Scheduler & s = *model->state;
+    Layer * found = s.find_layer(layer);
     if (!found) {
         return -1;
-    }
-    if (!s.registered) {
-        return fail("the scheduler is not registered");
     }
     s.commit();
     Layer & l = *found;
@@ -140,19 +134,19 @@ int rotary_sched_set_slots(int layer, int n_slots) {
         t.slots = ggml_new_tensor_3d(l.ctx, t.type, t.ne0, t.ne1, n_slots);
         ggml_format_name(t.slots, "%s.slots", t.name.c_str());
     }
-    l.buffer = ggml_backend_alloc_ctx_tensors_from_buft(l.ctx, ggml_backend_dev_buffer_type(s.slot_dev));
+    l.buffer = ggml_backend_alloc_ctx_tensors_from_buft(l.ctx, ggml_backend_dev_buffer_type(process().slot_dev));
     if (!l.buffer) {
         l.free_slots();
         return fail("cannot allocate " + std::to_string(n_slots) + " expert slots of layer " + std::to_string(layer)
-                    + " on " + ggml_backend_dev_name(s.slot_dev));
+                    + " on " + ggml_backend_dev_name(process().slot_dev));
     }
     l.expert_in_slot.assign(n_slots, -1);
     return n_slots;
 }
 
-int rotary_sched_set_resident(int layer, const int32_t * experts, int n_experts) {
-    Scheduler & s = scheduler();
-    Layer * found = find_layer(layer);
+int rotary_sched_set_resident(rotary_sched_model * model, int layer, const int32_t * experts, int n_experts) {
+    Scheduler & s = *model->state;
+    Layer * found = s.find_layer(layer);
     if (!found) {
         return -1;
     }
@@ -188,38 +182,31 @@ int rotary_sched_set_resident(int layer, const int32_t * experts, int n_experts)
     return n_experts;
 }
 
-void rotary_sched_set_max_batch(int n_tokens) {
-    scheduler().max_batch = n_tokens;
+void rotary_sched_set_max_batch(rotary_sched_model * model, int n_tokens) {
+    model->state->max_batch = n_tokens;
 }
 
-int rotary_sched_layer_stats(int layer, uint64_t * out, uint64_t * counts, int n_expert) {
-    Layer * found = find_layer(layer);
+int rotary_sched_layer_stats(rotary_sched_model * model, int layer, rotary_sched_layer_stats_t * out, uint64_t * counts,
+                             int n_expert) {
+    Layer * found = model->state->find_layer(layer);
     if (!found) {
         return -1;
     }
     const Layer & l = *found;
-    out[0] = l.device_pairs;
-    out[1] = l.host_pairs;
-    out[2] = l.admissions;
-    out[3] = l.evictions;
-    out[4] = l.bytes_copied;
+    *out = { l.device_pairs, l.host_pairs, l.admissions, l.evictions, l.bytes_copied };
     for (int e = 0; e < n_expert && e < l.n_expert; e++) {
         counts[e] = l.counts[e];
     }
     return l.n_expert;
 }
 
-void rotary_sched_stats(uint64_t * out) {
-    const Scheduler & s = scheduler();
-    out[0] = s.graph_calls;
-    out[1] = s.split_matmuls;
-    out[2] = s.device_bytes();
-    out[3] = s.stall_ns;
-    out[4] = s.commits;
+void rotary_sched_stats(rotary_sched_model * model, rotary_sched_stats_t * out) {
+    const Scheduler & s = *model->state;
+    *out = { s.graph_calls, s.split_matmuls, s.device_bytes(), s.stall_ns, s.commits };
 }
 
-void rotary_sched_reset_stats(void) {
-    Scheduler & s = scheduler();
+void rotary_sched_reset_stats(rotary_sched_model * model) {
+    Scheduler & s = *model->state;
     s.graph_calls = s.split_matmuls = s.stall_ns = s.commits = 0;
     for (auto & entry : s.layers) {
         entry.second.device_pairs = entry.second.host_pairs = 0;
@@ -228,16 +215,16 @@ void rotary_sched_reset_stats(void) {
     }
 }
 
-void rotary_sched_set_recording(int on) {
-    Scheduler & s = scheduler();
+void rotary_sched_set_recording(rotary_sched_model * model, int on) {
+    Scheduler & s = *model->state;
     s.recording = on != 0;
     for (auto & entry : s.layers) {
         entry.second.routing.clear();
     }
 }
 
-int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity) {
-    Layer * found = find_layer(layer);
+int64_t rotary_sched_take_routing(rotary_sched_model * model, int layer, int32_t * out, int64_t capacity) {
+    Layer * found = model->state->find_layer(layer);
     if (!found) {
         return -1;
     }
@@ -251,9 +238,9 @@ int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity) {
     return n;
 }
 
-int rotary_sched_admit(int layer, const int32_t * experts, const int32_t * slots, int n) {
-    Scheduler & s = scheduler();
-    Layer * found = find_layer(layer);
+int rotary_sched_admit(rotary_sched_model * model, int layer, const int32_t * experts, const int32_t * slots, int n) {
+    Scheduler & s = *model->state;
+    Layer * found = s.find_layer(layer);
     if (!found) {
         return -1;
     }
@@ -282,12 +269,12 @@ int rotary_sched_admit(int layer, const int32_t * experts, const int32_t * slots
     return n;
 }
 
-void rotary_sched_commit(void) {
-    scheduler().commit();
+void rotary_sched_commit(rotary_sched_model * model) {
+    model->state->commit();
 }
 
-int rotary_sched_set_replay(int layer, const int32_t * ids, int64_t n) {
-    Layer * found = find_layer(layer);
+int rotary_sched_set_replay(rotary_sched_model * model, int layer, const int32_t * ids, int64_t n) {
+    Layer * found = model->state->find_layer(layer);
     if (!found) {
         return -1;
     }

@@ -3,6 +3,10 @@
 // the activation ops between them, so that one MoE block's expert FFN is one split; it computes the
 // split on its own CPU backend except the expert matmuls of layers with resident experts, which it
 // divides between the device and the CPU (scheduler.cpp).
+//
+// llama.cpp creates one backend of every ACCEL device in each new context; that backend takes the model
+// state attached last (rotary_sched_attach) in its context, and a device of its own whose context is that
+// state, because supports_op is asked of the device (ggml_backend_supports_op). No state: it claims nothing.
 #include "rotary_sched.h"
 #include "scheduler.h"
 
@@ -10,12 +14,14 @@
 #include "ggml-impl.h"
 
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #ifndef ROTARY_LLAMA_CPP_PYTHON_VERSION
 #error "ROTARY_LLAMA_CPP_PYTHON_VERSION must name the llama-cpp-python version the headers come from"
 #endif
-#define ROTARY_SCHED_ABI 1
+#define ROTARY_SCHED_ABI 2
 #define ROTARY_STR_(x) #x
 #define ROTARY_STR(x) ROTARY_STR_(x)
 
@@ -46,33 +52,36 @@ static bool is_view(const ggml_tensor * op) {
            || op->op == GGML_OP_TRANSPOSE;
 }
 
-static bool supports_op(ggml_backend_dev_t, const ggml_tensor * op) {
-    const Scheduler & s = scheduler();
+// dev->context: the state of the backend owning this device (nullptr for the registered device and for
+// backends of contexts created with no state attached).
+static bool supports_op(ggml_backend_dev_t dev, const ggml_tensor * op) {
+    const Scheduler * s = (const Scheduler *) dev->context;
     // Expert-FFN nodes are [width, experts used, tokens]: a large prompt batch is left whole to llama.cpp.
-    if (!s.configured() || (s.max_batch > 0 && op->ne[2] > s.max_batch)) {
+    if (!s || !s->configured() || (s->max_batch > 0 && op->ne[2] > s->max_batch)) {
         return false;
     }
+    const ggml_backend_dev_t cpu = process().cpu_dev;
     if (op->op == GGML_OP_MUL_MAT_ID) {
         const ggml_tensor * x = op->src[1];
-        return s.tensor_by_name.count(op->src[0]->name) && x->type == GGML_TYPE_F32 && op->type == GGML_TYPE_F32
-               && x->nb[0] == sizeof(float) && ggml_backend_dev_supports_op(s.cpu_dev, op);
+        return s->tensor_by_name.count(op->src[0]->name) && x->type == GGML_TYPE_F32 && op->type == GGML_TYPE_F32
+               && x->nb[0] == sizeof(float) && ggml_backend_dev_supports_op(cpu, op);
     }
     const int layer = expert_ffn_layer(op->name);
-    if (layer < 0 || !s.layers.count(layer)) {
+    if (layer < 0 || !s->layers.count(layer)) {
         return false;
     }
     if (is_view(op)) {
         return !(op->view_src && op->view_src->buffer);  // views of results, never of weights or caches
     }
-    return op->op != GGML_OP_NONE && ggml_backend_dev_supports_op(s.cpu_dev, op);
+    return op->op != GGML_OP_NONE && ggml_backend_dev_supports_op(cpu, op);
 }
 
-static ggml_status compute_on_host(ggml_cgraph * graph, int first, int end) {
+static ggml_status compute_on_host(Scheduler & s, ggml_cgraph * graph, int first, int end) {
     if (end <= first) {
         return GGML_STATUS_SUCCESS;
     }
     ggml_cgraph view = ggml_graph_view(graph, first, end);
-    return ggml_backend_graph_compute(scheduler().host.backend, &view);
+    return ggml_backend_graph_compute(s.host.backend, &view);
 }
 
 static bool computes(const ggml_tensor * node) {
@@ -126,8 +135,22 @@ static void make_chains(Scheduler & s, ggml_tensor * first, ggml_tensor * down, 
     on_host.w_glu1 = glu->src[1]->src[0];
 }
 
-static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
-    Scheduler & s = scheduler();
+// A backend of one context: its state (shared with the Python handle and other contexts) and its device.
+struct BackendContext {
+    std::shared_ptr<Scheduler> state;
+    ggml_backend_device device;
+};
+
+static Scheduler * state_of(ggml_backend_t backend) {
+    return ((BackendContext *) backend->context)->state.get();
+}
+
+static ggml_status graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
+    Scheduler * state = state_of(backend);
+    if (!state) {
+        return GGML_STATUS_FAILED;  // claims no op: never given a split
+    }
+    Scheduler & s = *state;
     s.graph_calls++;
     s.compute_serial++;
     int first = 0;
@@ -156,9 +179,9 @@ static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
         Chain on_device, on_host;
         make_chains(s, node, down, on_device, on_host);
         const int last = end >= 0 ? end : i;
-        ggml_status status = compute_on_host(graph, first, i);
+        ggml_status status = compute_on_host(s, graph, first, i);
         if (status == GGML_STATUS_SUCCESS && !s.compute_pairs(on_device, on_host, node->src[2], layer)) {
-            status = compute_on_host(graph, i, last + 1);  // a worker refused: the nodes on the host as they are
+            status = compute_on_host(s, graph, i, last + 1);  // a worker refused: the nodes on the host as they are
         }
         if (status != GGML_STATUS_SUCCESS) {
             return status;
@@ -166,7 +189,7 @@ static ggml_status graph_compute(ggml_backend_t, ggml_cgraph * graph) {
         first = last + 1;
         i = last;
     }
-    return compute_on_host(graph, first, graph->n_nodes);
+    return compute_on_host(s, graph, first, graph->n_nodes);
 }
 
 static const char * backend_name(ggml_backend_t) {
@@ -174,6 +197,11 @@ static const char * backend_name(ggml_backend_t) {
 }
 
 static void backend_free(ggml_backend_t backend) {
+    auto * context = (BackendContext *) backend->context;
+    if (context->state) {
+        context->state->contexts--;
+    }
+    delete context;  // the last holder of the state destroys it
     delete backend;
 }
 
@@ -202,9 +230,29 @@ static ggml_guid_t backend_guid() {
     return &guid;
 }
 
+// The state attached for the next context (rotary_sched_attach), taken by its backend. Never destroyed:
+// a state still pending at exit must not be torn down after ggml's own statics.
+struct Pending {
+    std::mutex mutex;
+    std::shared_ptr<Scheduler> state;
+};
+
+static Pending & pending() {
+    static Pending * instance = new Pending;
+    return *instance;
+}
 
 static ggml_backend_t init_backend(ggml_backend_dev_t dev, const char *) {
-    return new ggml_backend{ backend_guid(), kBackend, dev, nullptr };
+    auto * context = new BackendContext;
+    {
+        std::lock_guard<std::mutex> lock(pending().mutex);
+        context->state.swap(pending().state);
+    }
+    context->device = { dev->iface, dev->reg, context->state.get() };
+    if (context->state) {
+        context->state->contexts++;
+    }
+    return new ggml_backend{ backend_guid(), kBackend, &context->device, context };
 }
 
 static const char * device_name(ggml_backend_dev_t) {
@@ -212,7 +260,7 @@ static const char * device_name(ggml_backend_dev_t) {
 }
 
 static const char * device_description(ggml_backend_dev_t) {
-    return scheduler().description.c_str();
+    return process().description.c_str();
 }
 
 static void device_memory(ggml_backend_dev_t, size_t * free, size_t * total) {
@@ -235,13 +283,13 @@ static void device_props(ggml_backend_dev_t dev, ggml_backend_dev_props * props)
 
 // The very CPU buffer type llama.cpp uses, so that the loader keeps weights where it would put them.
 static ggml_backend_buffer_type_t device_buffer_type(ggml_backend_dev_t) {
-    return ggml_backend_dev_buffer_type(scheduler().cpu_dev);
+    return ggml_backend_dev_buffer_type(process().cpu_dev);
 }
 
 // Host memory, and the CPU's repacking buffer types (llama.cpp's --repack path): the CPU side then computes
 // from the repacked copy, the device side from the file's own layout.
 static bool device_supports_buft(ggml_backend_dev_t, ggml_backend_buffer_type_t buft) {
-    return ggml_backend_dev_supports_buft(scheduler().cpu_dev, buft);
+    return ggml_backend_dev_supports_buft(process().cpu_dev, buft);
 }
 
 static const ggml_backend_device_i kDevice = {
@@ -275,12 +323,11 @@ static ggml_backend_dev_t reg_device(ggml_backend_reg_t r, size_t) {
     return &device;
 }
 
-// llama.cpp calls this before every ubatch with the context's thread count.
-static void set_n_threads(ggml_backend_t, int n_threads) {
-    Scheduler & s = scheduler();
-    s.set_cpu_threads(s.host.backend, n_threads);
-    if (!s.gpu) {
-        s.set_cpu_threads(s.device.backend, n_threads);
+// llama.cpp calls this before every ubatch with the context's thread count (found through the device's
+// reg, which every backend's device keeps).
+static void set_n_threads(ggml_backend_t backend, int n_threads) {
+    if (Scheduler * s = state_of(backend)) {
+        s->set_threads(n_threads);
     }
 }
 
@@ -306,50 +353,70 @@ const char * rotary_sched_build_info(void) {
 }
 
 const char * rotary_sched_device_description(void) {
-    return scheduler().description.c_str();
+    return process().description.c_str();
 }
 
 int rotary_sched_register(const char * device) {
-    Scheduler & s = scheduler();
+    Process & p = process();
     const bool gpu = std::strcmp(device, "gpu") == 0;
     if (!gpu && std::strcmp(device, "cpu") != 0) {
         set_error(std::string("unknown slot device '") + device + "' (gpu or cpu)");
         return -1;
     }
-    if (s.registered) {
-        if (s.gpu != gpu) {
-            set_error("the scheduler is already registered with slots on " + s.description);
+    if (p.registered) {
+        if (p.gpu != gpu) {
+            set_error("the scheduler is already registered with slots on " + p.description);
             return -1;
         }
         return 0;
     }
-    s.cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    s.slot_dev = gpu ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) : s.cpu_dev;
-    if (!s.cpu_dev || !s.slot_dev) {
+    p.cpu_dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    p.slot_dev = gpu ? ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU) : p.cpu_dev;
+    if (!p.cpu_dev || !p.slot_dev) {
         set_error(gpu ? "this llama.cpp build has no GPU device" : "this llama.cpp build has no CPU device");
         return -1;
     }
-    auto * threads = ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(s.cpu_dev),
+    auto * threads = ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(p.cpu_dev),
                                                        "ggml_backend_set_n_threads");
-    s.set_cpu_threads = (void (*)(ggml_backend_t, int)) threads;
-    ggml_backend_t host = ggml_backend_dev_init(s.cpu_dev, nullptr);
-    ggml_backend_t slots = ggml_backend_dev_init(s.slot_dev, nullptr);
-    if (!host || !slots || !s.set_cpu_threads) {
-        set_error(std::string("cannot start a backend on ") + ggml_backend_dev_name(s.slot_dev));
+    p.set_cpu_threads = (void (*)(ggml_backend_t, int)) threads;
+    if (!p.set_cpu_threads) {
+        set_error(std::string("the CPU backend of this llama.cpp build exports no ggml_backend_set_n_threads"));
         return -1;
     }
-    ggml_backend_t copies = gpu ? ggml_backend_dev_init(s.slot_dev, nullptr) : slots;  // a stream of its own
-    if (!copies) {
-        set_error(std::string("cannot start a copy backend on ") + ggml_backend_dev_name(s.slot_dev));
-        return -1;
-    }
-    s.host.init(host);
-    s.device.init(slots);
-    s.copier.start(copies, gpu ? ggml_backend_dev_host_buffer_type(s.slot_dev) : nullptr);
-    s.gpu = gpu;
-    s.description = std::string("rotary expert scheduler, slots on ") + ggml_backend_dev_name(s.slot_dev) + " ("
-                    + ggml_backend_dev_description(s.slot_dev) + ")";
+    p.gpu = gpu;
+    p.description = std::string("rotary expert scheduler, slots on ") + ggml_backend_dev_name(p.slot_dev) + " ("
+                    + ggml_backend_dev_description(p.slot_dev) + ")";
     ggml_backend_register(reg());
-    s.registered = true;
+    p.registered = true;
     return 0;
+}
+
+rotary_sched_model * rotary_sched_model_new(void) {
+    auto state = std::make_shared<Scheduler>();
+    if (!state->start()) {
+        return nullptr;
+    }
+    return new rotary_sched_model{ std::move(state) };
+}
+
+void rotary_sched_model_free(rotary_sched_model * model) {
+    if (!model) {
+        return;
+    }
+    {
+        std::lock_guard<std::mutex> lock(pending().mutex);
+        if (pending().state == model->state) {
+            pending().state.reset();
+        }
+    }
+    delete model;
+}
+
+void rotary_sched_attach(rotary_sched_model * model) {
+    std::lock_guard<std::mutex> lock(pending().mutex);
+    pending().state = model ? model->state : nullptr;
+}
+
+int rotary_sched_model_contexts(const rotary_sched_model * model) {
+    return model->state->contexts.load();
 }

@@ -6,7 +6,8 @@
 
 namespace rotary {
 
-void Copier::start(ggml_backend_t backend, ggml_backend_buffer_type_t staging_type) {
+void Copier::start(const Scheduler * owner, ggml_backend_t backend, ggml_backend_buffer_type_t staging_type) {
+    owner_ = owner;
     backend_ = backend;
     staging_type_ = staging_type;
     thread_ = std::thread(&Copier::run, this);
@@ -66,7 +67,7 @@ void Copier::run() {
 
 // The slots being written are out of the slot table until commit, so no compute reads them meanwhile.
 void Copier::copy(const std::vector<CopyJob> & jobs) {
-    const Scheduler & s = scheduler();
+    const Scheduler & s = *owner_;
     size_t total = 0;
     for (const CopyJob & job : jobs) {
         total += s.layers.at(job.layer).slot_bytes;

@@ -1,6 +1,10 @@
 // C API of the rotary expert scheduler plugin, called from Python through ctypes
 // (rotary_gguf/plugin.py). Every function returning int returns 0 (or a count) on success and -1 on
 // failure, with the reason in rotary_sched_last_error().
+//
+// The plugin is registered once per process; each model loaded with rotary placements gets a state of
+// its own (rotary_sched_model: files, tensors, slots, workers, counters), which the next llama context
+// created takes (rotary_sched_attach). A context created with no state attached claims no op.
 #pragma once
 
 #include <stdint.h>
@@ -10,6 +14,27 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+// One model's scheduler state (opaque; reference-counted: a context that took it keeps it alive).
+typedef struct rotary_sched_model rotary_sched_model;
+
+// Per layer, since the last reset_stats.
+typedef struct rotary_sched_layer_stats_t {
+    uint64_t device_pairs;  // (token, expert) pairs computed on the device, from the slots
+    uint64_t host_pairs;    // pairs computed on the host
+    uint64_t admissions;    // experts copied into a slot by rotation
+    uint64_t evictions;     // ... that replaced a resident expert
+    uint64_t bytes_copied;
+} rotary_sched_layer_stats_t;
+
+// Per model, since the last reset_stats (device_bytes: held now).
+typedef struct rotary_sched_stats_t {
+    uint64_t graph_calls;    // graph_compute calls
+    uint64_t split_matmuls;  // expert matmuls (or chains) split between device and host
+    uint64_t device_bytes;   // slots, scratch and staging held on the device
+    uint64_t stall_ns;       // nanoseconds commits waited for copies
+    uint64_t commits;        // commits that had copies to wait for
+} rotary_sched_stats_t;
 
 // "rotary-sched <abi>; llama-cpp-python <version>; ggml backend API <n>": checked by Python at load.
 ROTARY_API const char * rotary_sched_build_info(void);
@@ -21,46 +46,52 @@ ROTARY_API const char * rotary_sched_last_error(void);
 ROTARY_API int rotary_sched_register(const char * device);
 ROTARY_API const char * rotary_sched_device_description(void);
 
-// Forget the configured model: free all slots, claim no op until configured again.
-ROTARY_API void rotary_sched_reset(void);
+// A new, empty model state (its own host and device backends and copier); NULL when not registered.
+ROTARY_API rotary_sched_model * rotary_sched_model_new(void);
+// Drop the handle (and the pending mark, if it has one); the state lives on while a context holds it.
+ROTARY_API void rotary_sched_model_free(rotary_sched_model * model);
+// The next llama context created in this process takes this state (NULL: none does). Contexts are
+// created by llama_init_from_model, dry runs included: attach right before the context that serves it.
+ROTARY_API void rotary_sched_attach(rotary_sched_model * model);
+// How many llama contexts (live backends) hold this state.
+ROTARY_API int rotary_sched_model_contexts(const rotary_sched_model * model);
 
 // Configure a model: its GGUF files (mapped read-only; returns the file's index) and its routed-expert
 // tensors (name as in the GGUF, absolute offset of expert 0, bytes per expert, ggml type and shape).
-ROTARY_API int rotary_sched_add_file(const char * path);
-ROTARY_API int rotary_sched_add_tensor(const char * name, int file, uint64_t offset, uint64_t expert_bytes,
-                            int n_expert, int type, int64_t ne0, int64_t ne1);
+ROTARY_API int rotary_sched_add_file(rotary_sched_model * model, const char * path);
+ROTARY_API int rotary_sched_add_tensor(rotary_sched_model * model, const char * name, int file, uint64_t offset,
+                                       uint64_t expert_bytes, int n_expert, int type, int64_t ne0, int64_t ne1);
 
 // Allocate n_slots expert slots for a layer on the device (all its expert tensors), empty.
-ROTARY_API int rotary_sched_set_slots(int layer, int n_slots);
+ROTARY_API int rotary_sched_set_slots(rotary_sched_model * model, int layer, int n_slots);
 // Make these experts the layer's residents (at most n_slots), copying their blocks from the file.
 // Call between llama_decode calls, never during one.
-ROTARY_API int rotary_sched_set_resident(int layer, const int32_t * experts, int n_experts);
+ROTARY_API int rotary_sched_set_resident(rotary_sched_model * model, int layer, const int32_t * experts,
+                                         int n_experts);
 // Prompt batches of more than n tokens are left to llama.cpp (its own GPU offload); <= 0: no limit.
-ROTARY_API void rotary_sched_set_max_batch(int n_tokens);
+ROTARY_API void rotary_sched_set_max_batch(rotary_sched_model * model, int n_tokens);
 
 // Rotation. Admit experts into slots: each slot's previous expert leaves the slot table at once, the
 // copy runs in the background, and the expert enters the table at the next commit (which waits for the
 // copies still running). Call both between llama_decode calls.
-ROTARY_API int rotary_sched_admit(int layer, const int32_t * experts, const int32_t * slots, int n);
-ROTARY_API void rotary_sched_commit(void);
+ROTARY_API int rotary_sched_admit(rotary_sched_model * model, int layer, const int32_t * experts,
+                                  const int32_t * slots, int n);
+ROTARY_API void rotary_sched_commit(rotary_sched_model * model);
 
 // Routing record: while on, the ids of every MoE block are kept per layer (token-major, n_expert_used
 // per token) until taken. take with out == NULL returns how many are waiting.
-ROTARY_API void rotary_sched_set_recording(int on);
-ROTARY_API int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity);
+ROTARY_API void rotary_sched_set_recording(rotary_sched_model * model, int on);
+ROTARY_API int64_t rotary_sched_take_routing(rotary_sched_model * model, int layer, int32_t * out, int64_t capacity);
 
 // Benchmarks only: substitute these ids (token-major, cycled) for the router's in this layer; n = 0 stops.
-ROTARY_API int rotary_sched_set_replay(int layer, const int32_t * ids, int64_t n);
+ROTARY_API int rotary_sched_set_replay(rotary_sched_model * model, int layer, const int32_t * ids, int64_t n);
 
-// Statistics since the last reset. Per layer: out[0] (token, expert) pairs computed on the device,
-// out[1] pairs computed on the host, out[2] admissions, out[3] evictions, out[4] bytes copied;
-// counts[e]: selections of expert e (n_expert entries).
-ROTARY_API int rotary_sched_layer_stats(int layer, uint64_t * out, uint64_t * counts, int n_expert);
-// Process-wide: out[0] graph_compute calls, out[1] expert matmuls split between device and host,
-// out[2] device bytes held (slots, scratch, staging), out[3] nanoseconds commits waited for copies,
-// out[4] commits that had copies to wait for.
-ROTARY_API void rotary_sched_stats(uint64_t * out);
-ROTARY_API void rotary_sched_reset_stats(void);
+// Statistics since the last reset. Per layer, with counts[e]: selections of expert e (n_expert entries);
+// returns the layer's number of experts.
+ROTARY_API int rotary_sched_layer_stats(rotary_sched_model * model, int layer, rotary_sched_layer_stats_t * out,
+                                        uint64_t * counts, int n_expert);
+ROTARY_API void rotary_sched_stats(rotary_sched_model * model, rotary_sched_stats_t * out);
+ROTARY_API void rotary_sched_reset_stats(rotary_sched_model * model);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,5 @@
-// Scheduler state and the split expert matmul: pairs whose expert is resident run on the device from
-// the slots, the others on the CPU from llama.cpp's weights; both write their rows into the node.
+// A model's scheduler state and the split expert matmul: pairs whose expert is resident run on the device
+// from the slots, the others on the CPU from llama.cpp's weights; both write their rows into the node.
 #include "scheduler.h"
 
 #include <algorithm>
@@ -7,9 +7,9 @@
 
 namespace rotary {
 
-// Never destroyed: the copier's thread and the backends live until the process ends.
-Scheduler & scheduler() {
-    static Scheduler * instance = new Scheduler;
+// Never destroyed: registered devices live until the process ends.
+Process & process() {
+    static Process * instance = new Process;
     return *instance;
 }
 
@@ -24,6 +24,9 @@ int layer_of(const char * name) {
 
 void Worker::init(ggml_backend_t b) {
     backend = b;
+    if (!b) {
+        return;
+    }
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(b));
     meta_.resize(ggml_tensor_overhead() * 16 + ggml_graph_overhead_custom(16, false));
 }
@@ -107,28 +110,52 @@ void Layer::free_slots() {
     n_resident = 0;
 }
 
-Layer * find_layer(int layer) {
-    auto found = scheduler().layers.find(layer);
-    if (found == scheduler().layers.end()) {
+Layer * Scheduler::find_layer(int layer) {
+    auto found = layers.find(layer);
+    if (found == layers.end()) {
         set_error("layer " + std::to_string(layer) + " has no configured expert tensors");
         return nullptr;
     }
     return &found->second;
 }
 
-void Scheduler::reset() {
+bool Scheduler::start() {
+    const Process & p = process();
+    if (!p.registered) {
+        set_error("the scheduler is not registered");
+        return false;
+    }
+    host.init(ggml_backend_dev_init(p.cpu_dev, nullptr));
+    device.init(ggml_backend_dev_init(p.slot_dev, nullptr));
+    copy_backend = p.gpu ? ggml_backend_dev_init(p.slot_dev, nullptr) : device.backend;  // a stream of its own
+    if (!host.backend || !device.backend || !copy_backend) {
+        const ggml_backend_dev_t failed = host.backend ? p.slot_dev : p.cpu_dev;
+        set_error(std::string("cannot start a backend on ") + ggml_backend_dev_name(failed));
+        return false;
+    }
+    copier.start(this, copy_backend, p.gpu ? ggml_backend_dev_host_buffer_type(p.slot_dev) : nullptr);
+    return true;
+}
+
+Scheduler::~Scheduler() {
     commit();
+    copier.stop();
     for (auto & entry : layers) {
         entry.second.free_slots();
     }
     for (auto & file : files) {
         unmap_file(file);
     }
-    files.clear();
-    tensors.clear();
-    tensor_by_name.clear();
-    layers.clear();
-    bound.clear();
+    host.release();
+    device.release();
+    if (copy_backend && copy_backend != device.backend) {
+        ggml_backend_free(copy_backend);
+    }
+    for (ggml_backend_t backend : { host.backend, device.backend }) {
+        if (backend) {
+            ggml_backend_free(backend);
+        }
+    }
 }
 
 // The index of our tensor that llama.cpp's weight `w` is, or -1: matched by name, type and shape, and by
@@ -233,9 +260,6 @@ void Scheduler::replay(ggml_tensor * ids, Layer & layer) {
 
 // Wait for the admitted experts' copies and put them in the slot tables.
 void Scheduler::commit() {
-    if (!registered) {
-        return;
-    }
     stall_ns += copier.wait();
     for (const CopyJob & job : pending) {
         Layer & layer = layers.at(job.layer);
@@ -245,6 +269,15 @@ void Scheduler::commit() {
     }
     commits += pending.empty() ? 0 : 1;
     pending.clear();
+}
+
+// The context's thread count (llama.cpp sets it before every ubatch) for this state's CPU backends.
+void Scheduler::set_threads(int n_threads) {
+    const Process & p = process();
+    p.set_cpu_threads(host.backend, n_threads);
+    if (!p.gpu) {
+        p.set_cpu_threads(device.backend, n_threads);
+    }
 }
 
 size_t Scheduler::device_bytes() const {

@@ -1,15 +1,18 @@
-// The scheduler's state: mapped GGUF files, routed-expert tensors, per-layer slot tables, and the two
-// workers that compute one expert matmul's (token, expert) pairs: resident experts on the device from
-// the slots, the rest on a CPU backend from llama.cpp's own (memory-mapped) weights.
+// The scheduler's state, one per model: mapped GGUF files, routed-expert tensors, per-layer slot tables,
+// and the two workers that compute one expert matmul's (token, expert) pairs: resident experts on the
+// device from the slots, the rest on a CPU backend from llama.cpp's own (memory-mapped) weights. What the
+// process registers once (devices, description) is in Process.
 #pragma once
 
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <string>
@@ -73,9 +76,10 @@ struct CopyJob {
 // Copies admitted experts from the file mapping into their slots on a thread of its own, through pinned
 // staging memory and the device's asynchronous copy on a backend (stream) of its own, so that the copies
 // overlap the model's compute; wait() returns once every submitted copy has landed.
+struct Scheduler;
 class Copier {
   public:
-    void start(ggml_backend_t backend, ggml_backend_buffer_type_t staging_type);
+    void start(const Scheduler * owner, ggml_backend_t backend, ggml_backend_buffer_type_t staging_type);
     void stop();
     void submit(const CopyJob & job);
     uint64_t wait();  // nanoseconds spent waiting
@@ -89,6 +93,7 @@ class Copier {
     std::condition_variable wake_, done_;
     std::vector<CopyJob> queue_;
     bool busy_ = false, quit_ = false;
+    const Scheduler * owner_ = nullptr;  // its layers, tensors and files
     ggml_backend_t backend_ = nullptr;
     ggml_backend_buffer_type_t staging_type_ = nullptr;
     ggml_backend_buffer_t staging_ = nullptr;
@@ -133,18 +138,28 @@ class Worker {
     std::vector<float> rows_;
 };
 
-struct Scheduler {
+// Set once by rotary_sched_register, shared by every model's state.
+struct Process {
     bool registered = false;
     bool gpu = false;
     std::string description;
     ggml_backend_dev_t cpu_dev = nullptr, slot_dev = nullptr;
+    void (*set_cpu_threads)(ggml_backend_t, int) = nullptr;
+};
+
+Process & process();
+
+// One model's state. Held by its Python handle and by every llama context (backend) that took it; the
+// last of them to let go destroys it (its copier thread, backends, slots and mappings with it).
+struct Scheduler {
     Worker device, host;
+    ggml_backend_t copy_backend = nullptr;  // the device's second stream (the device worker's own on a CPU)
     Copier copier;
     std::vector<CopyJob> pending;  // admitted, copying: enter the slot table at the next commit
     bool recording = false;
     uint64_t stall_ns = 0, commits = 0;
-    void (*set_cpu_threads)(ggml_backend_t, int) = nullptr;
     int max_batch = 0;
+    std::atomic<int> contexts{ 0 };  // backends holding the state
 
     std::vector<MappedFile> files;
     std::vector<ExpertTensor> tensors;
@@ -154,19 +169,23 @@ struct Scheduler {
     uint64_t graph_calls = 0, split_matmuls = 0;
     uint64_t compute_serial = 0;  // graph_compute calls ever (never reset: marks replay substitutions)
 
+    Scheduler() = default;
+    Scheduler(const Scheduler &) = delete;
+    Scheduler & operator=(const Scheduler &) = delete;
+    ~Scheduler();
+    bool start();  // the workers' backends and the copier; false with the error set
     bool configured() const { return !tensors.empty(); }
-    void reset();
+    Layer * find_layer(int layer);  // nullptr, with the error set, when the layer has no configured tensors
     int bind(const ggml_tensor * weights);
     bool compute_pairs(const Chain & on_device, const Chain & on_host, const ggml_tensor * ids, const Layer & layer);
     ggml_tensor * slots_of(const ggml_tensor * node);
     void count(const ggml_tensor * ids, Layer & layer);
     void replay(ggml_tensor * ids, Layer & layer);
     void commit();
+    void set_threads(int n_threads);
     size_t device_bytes() const;
 };
 
-Scheduler & scheduler();
-Layer * find_layer(int layer);  // nullptr, with the error set, when the layer has no configured tensors
 bool map_file(const std::string & path, MappedFile & file);
 void unmap_file(MappedFile & file);
 void set_error(const std::string & message);
@@ -174,3 +193,8 @@ bool is_routed_expert(const char * name);
 int layer_of(const char * name);
 
 }  // namespace rotary
+
+// The handle Python holds (rotary_sched.h).
+struct rotary_sched_model {
+    std::shared_ptr<rotary::Scheduler> state;
+};

@@ -1,8 +1,10 @@
 """The rotary scheduler plugin (native/, built by `rotary plugin build`) seen from Python.
 
-Part of the runtime layer: runtime.py registers the plugin before a context exists and configures it for
-the model it loads; this module is the ctypes binding of native/rotary_sched.h (each declaration quoted
-above its stub) and the per-layer statistics it reports.
+Part of the runtime layer: the runtime registers the plugin once per process before a context exists
+(`Plugin`), and opens a scheduler state for each model it loads with rotary placements (`ModelScheduler`:
+that model's files, slots, workers and counters), which the next llama context created takes. This module
+is the ctypes binding of native/rotary_sched.h (each declaration quoted above its stub) and the
+statistics it reports.
 """
 
 from __future__ import annotations
@@ -18,14 +20,31 @@ from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 
 LIBRARY_NAME = "librotary_sched.so"
-ABI = 1
+ABI = 2
 DEVICE_ENV = "ROTARY_SCHED_DEVICE"  # "cpu": a second CPU backend stands in for the GPU
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 _i32p = ctypes.POINTER(ctypes.c_int32)
+_model = ctypes.c_void_p  # rotary_sched_model *
 
 
 class PluginError(RotaryError):
     """The scheduler plugin is missing, was built for another llama-cpp-python, or refused a request."""
+
+
+class _LayerStats(ctypes.Structure):
+    """typedef struct rotary_sched_layer_stats_t { uint64_t device_pairs, host_pairs, admissions, evictions,
+    bytes_copied; } rotary_sched_layer_stats_t;"""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("device_pairs", "host_pairs", "admissions", "evictions", "bytes_copied")]
+
+
+class _Stats(ctypes.Structure):
+    """typedef struct rotary_sched_stats_t { uint64_t graph_calls, split_matmuls, device_bytes, stall_ns,
+    commits; } rotary_sched_stats_t;"""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in
+                ("graph_calls", "split_matmuls", "device_bytes", "stall_ns", "commits")]
 
 
 def _int32s(values: list[int]) -> ctypes.Array:
@@ -81,55 +100,79 @@ class LayerStats:
         return self.device_pairs / total if total else 0.0
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """One model's scheduler counters since they were reset (device_bytes: held now)."""
+
+    graph_calls: int  # graph_compute calls of the contexts holding the state
+    split_matmuls: int  # expert matmuls (or whole expert FFNs) split between device and host
+    device_bytes: int  # slots, scratch and staging held on the device
+    stall_ns: int  # nanoseconds commits waited for copies (copy stalls)
+    commits: int  # commits that had copies to wait for
+
+
+_DECLARATIONS = (
+    # const char * rotary_sched_build_info(void);
+    ("rotary_sched_build_info", ctypes.c_char_p, []),
+    # const char * rotary_sched_last_error(void);
+    ("rotary_sched_last_error", ctypes.c_char_p, []),
+    # int rotary_sched_register(const char * device);
+    ("rotary_sched_register", ctypes.c_int, [ctypes.c_char_p]),
+    # const char * rotary_sched_device_description(void);
+    ("rotary_sched_device_description", ctypes.c_char_p, []),
+    # rotary_sched_model * rotary_sched_model_new(void);
+    ("rotary_sched_model_new", _model, []),
+    # void rotary_sched_model_free(rotary_sched_model * model);
+    ("rotary_sched_model_free", None, [_model]),
+    # void rotary_sched_attach(rotary_sched_model * model);
+    ("rotary_sched_attach", None, [_model]),
+    # int rotary_sched_model_contexts(const rotary_sched_model * model);
+    ("rotary_sched_model_contexts", ctypes.c_int, [_model]),
+    # int rotary_sched_add_file(rotary_sched_model * model, const char * path);
+    ("rotary_sched_add_file", ctypes.c_int, [_model, ctypes.c_char_p]),
+    # int rotary_sched_add_tensor(rotary_sched_model * model, const char * name, int file, uint64_t offset,
+    #                             uint64_t expert_bytes, int n_expert, int type, int64_t ne0, int64_t ne1);
+    ("rotary_sched_add_tensor", ctypes.c_int, [_model, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint64,
+                                               ctypes.c_uint64, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                               ctypes.c_int64]),
+    # int rotary_sched_set_slots(rotary_sched_model * model, int layer, int n_slots);
+    ("rotary_sched_set_slots", ctypes.c_int, [_model, ctypes.c_int, ctypes.c_int]),
+    # int rotary_sched_set_resident(rotary_sched_model * model, int layer, const int32_t * experts, int n_experts);
+    ("rotary_sched_set_resident", ctypes.c_int, [_model, ctypes.c_int, _i32p, ctypes.c_int]),
+    # void rotary_sched_set_max_batch(rotary_sched_model * model, int n_tokens);
+    ("rotary_sched_set_max_batch", None, [_model, ctypes.c_int]),
+    # int rotary_sched_admit(rotary_sched_model * model, int layer, const int32_t * experts,
+    #                        const int32_t * slots, int n);
+    ("rotary_sched_admit", ctypes.c_int, [_model, ctypes.c_int, _i32p, _i32p, ctypes.c_int]),
+    # void rotary_sched_commit(rotary_sched_model * model);
+    ("rotary_sched_commit", None, [_model]),
+    # void rotary_sched_set_recording(rotary_sched_model * model, int on);
+    ("rotary_sched_set_recording", None, [_model, ctypes.c_int]),
+    # int64_t rotary_sched_take_routing(rotary_sched_model * model, int layer, int32_t * out, int64_t capacity);
+    ("rotary_sched_take_routing", ctypes.c_int64, [_model, ctypes.c_int, _i32p, ctypes.c_int64]),
+    # int rotary_sched_set_replay(rotary_sched_model * model, int layer, const int32_t * ids, int64_t n);
+    ("rotary_sched_set_replay", ctypes.c_int, [_model, ctypes.c_int, _i32p, ctypes.c_int64]),
+    # int rotary_sched_layer_stats(rotary_sched_model * model, int layer, rotary_sched_layer_stats_t * out,
+    #                              uint64_t * counts, int n_expert);
+    ("rotary_sched_layer_stats", ctypes.c_int, [_model, ctypes.c_int, ctypes.POINTER(_LayerStats), _u64p,
+                                                ctypes.c_int]),
+    # void rotary_sched_stats(rotary_sched_model * model, rotary_sched_stats_t * out);
+    ("rotary_sched_stats", None, [_model, ctypes.POINTER(_Stats)]),
+    # void rotary_sched_reset_stats(rotary_sched_model * model);
+    ("rotary_sched_reset_stats", None, [_model]),
+)
+
+
 class Plugin:
-    """The loaded plugin library; `register()` makes it a ggml device of the running llama.cpp."""
+    """The loaded plugin library; `register()` makes it a ggml device of the running llama.cpp (once per
+    process), `open_model()` gives each rotary model its own scheduler state."""
 
     def __init__(self, path: Path, llama_cpp_version: str) -> None:
         try:
             lib = ctypes.CDLL(str(path))
         except OSError as exc:
             raise PluginError(f"{path}: cannot load the scheduler plugin ({exc}); run `rotary plugin build`") from None
-        for name, restype, argtypes in (
-            # const char * rotary_sched_build_info(void);
-            ("rotary_sched_build_info", ctypes.c_char_p, []),
-            # const char * rotary_sched_last_error(void);
-            ("rotary_sched_last_error", ctypes.c_char_p, []),
-            # int rotary_sched_register(const char * device);
-            ("rotary_sched_register", ctypes.c_int, [ctypes.c_char_p]),
-            # const char * rotary_sched_device_description(void);
-            ("rotary_sched_device_description", ctypes.c_char_p, []),
-            # void rotary_sched_reset(void);
-            ("rotary_sched_reset", None, []),
-            # int rotary_sched_add_file(const char * path);
-            ("rotary_sched_add_file", ctypes.c_int, [ctypes.c_char_p]),
-            # int rotary_sched_add_tensor(const char * name, int file, uint64_t offset, uint64_t expert_bytes,
-            #                             int n_expert, int type, int64_t ne0, int64_t ne1);
-            ("rotary_sched_add_tensor", ctypes.c_int, [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint64,
-                                                       ctypes.c_uint64, ctypes.c_int, ctypes.c_int,
-                                                       ctypes.c_int64, ctypes.c_int64]),
-            # int rotary_sched_set_slots(int layer, int n_slots);
-            ("rotary_sched_set_slots", ctypes.c_int, [ctypes.c_int, ctypes.c_int]),
-            # int rotary_sched_set_resident(int layer, const int32_t * experts, int n_experts);
-            ("rotary_sched_set_resident", ctypes.c_int, [ctypes.c_int, _i32p, ctypes.c_int]),
-            # void rotary_sched_set_max_batch(int n_tokens);
-            ("rotary_sched_set_max_batch", None, [ctypes.c_int]),
-            # int rotary_sched_layer_stats(int layer, uint64_t * out, uint64_t * counts, int n_expert);
-            ("rotary_sched_layer_stats", ctypes.c_int, [ctypes.c_int, _u64p, _u64p, ctypes.c_int]),
-            # void rotary_sched_stats(uint64_t * out);
-            ("rotary_sched_stats", None, [_u64p]),
-            # void rotary_sched_reset_stats(void);
-            ("rotary_sched_reset_stats", None, []),
-            # int rotary_sched_admit(int layer, const int32_t * experts, const int32_t * slots, int n);
-            ("rotary_sched_admit", ctypes.c_int, [ctypes.c_int, _i32p, _i32p, ctypes.c_int]),
-            # void rotary_sched_commit(void);
-            ("rotary_sched_commit", None, []),
-            # void rotary_sched_set_recording(int on);
-            ("rotary_sched_set_recording", None, [ctypes.c_int]),
-            # int64_t rotary_sched_take_routing(int layer, int32_t * out, int64_t capacity);
-            ("rotary_sched_take_routing", ctypes.c_int64, [ctypes.c_int, _i32p, ctypes.c_int64]),
-            # int rotary_sched_set_replay(int layer, const int32_t * ids, int64_t n);
-            ("rotary_sched_set_replay", ctypes.c_int, [ctypes.c_int, _i32p, ctypes.c_int64]),
-        ):
+        for name, restype, argtypes in _DECLARATIONS:
             try:
                 fn = getattr(lib, name)
             except AttributeError:
@@ -141,11 +184,13 @@ class Plugin:
             raise PluginError(f"{path}: built as '{info}', this is llama-cpp-python {llama_cpp_version}; "
                               "run `rotary plugin build` again")
         self.path, self._lib, self.build_info, self.description = path, lib, info, ""
-        self._n_expert: dict[int, int] = {}
+
+    def _error(self) -> PluginError:
+        return PluginError(f"scheduler plugin: {self._lib.rotary_sched_last_error().decode()}")
 
     def _check(self, result: int) -> int:
         if result < 0:
-            raise PluginError(f"scheduler plugin: {self._lib.rotary_sched_last_error().decode()}")
+            raise self._error()
         return result
 
     def register(self, device: str) -> str:
@@ -154,21 +199,70 @@ class Plugin:
         self.description = self._lib.rotary_sched_device_description().decode()
         return self.description
 
-    def configure(self, index: ModelIndex, max_batch: int = 0) -> None:
-        """Forget any previous model and serve this one's routed experts (no slots yet)."""
-        self._lib.rotary_sched_reset()
-        self._n_expert = {}
-        files = [self._check(self._lib.rotary_sched_add_file(str(f).encode())) for f in index.files or (index.path,)]
-        for t in expert_tensors(index):
-            self._check(self._lib.rotary_sched_add_tensor(t.name.encode(), files[t.file], t.offset, t.expert_bytes,
-                                                          t.n_expert, t.type, t.ne0, t.ne1))
-            self._n_expert[t.layer] = t.n_expert
-        self._lib.rotary_sched_set_max_batch(max_batch)
+    def open_model(self, index: ModelIndex, max_batch: int = 0) -> ModelScheduler:
+        """A scheduler state for one model, configured with its files and routed-expert tensors; the next
+        llama context created in this process takes it.
 
-    def reset(self) -> None:
-        """Serve no model: every op goes back to llama.cpp's own backends."""
-        self._lib.rotary_sched_reset()
-        self._n_expert = {}
+        Open it right before the model's own context is created: a context created in between (llama.cpp's
+        dry run) would take it instead. Prompt batches of more than max_batch tokens (> 0) are left to
+        llama.cpp."""
+        handle = self._lib.rotary_sched_model_new()
+        if not handle:
+            raise self._error()
+        model = ModelScheduler(self, handle)
+        try:
+            files = [model._call("add_file", str(f).encode()) for f in index.files or (index.path,)]
+            for t in expert_tensors(index):
+                model._call("add_tensor", t.name.encode(), files[t.file], t.offset, t.expert_bytes, t.n_expert,
+                            t.type, t.ne0, t.ne1)
+                model._n_expert[t.layer] = t.n_expert
+            model._call("set_max_batch", max_batch)
+            model._call("attach")
+        except BaseException:
+            model.close()
+            raise
+        return model
+
+
+class ModelScheduler:
+    """One model's scheduler state (a native handle): its slots, residents, routing record and counters.
+    A context manager; close() drops the handle (a context that took the state keeps it until it is freed)."""
+
+    def __init__(self, plugin: Plugin, handle: int) -> None:
+        self._plugin, self._handle = plugin, handle
+        self._n_expert: dict[int, int] = {}
+
+    def __enter__(self) -> ModelScheduler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, name: str, *args: object) -> int:
+        if self._handle is None:
+            raise PluginError(f"scheduler plugin: rotary_sched_{name} on a closed model state")
+        result = getattr(self._plugin._lib, f"rotary_sched_{name}")(self._handle, *args)
+        return self._plugin._check(result) if isinstance(result, int) else result
+
+    def close(self) -> None:
+        """Free the handle (and its mark as the state the next context takes, if no context took it yet)."""
+        if self._handle is not None:
+            self._plugin._lib.rotary_sched_model_free(self._handle)
+            self._handle = None
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    @property
+    def description(self) -> str:
+        """Where the slots live (the registered plugin's description)."""
+        return self._plugin.description
+
+    @property
+    def contexts(self) -> int:
+        """How many llama contexts hold this state (1 once the model's context is created)."""
+        return self._call("model_contexts")
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -179,49 +273,49 @@ class Plugin:
 
     def set_slots(self, layer: int, n_slots: int) -> int:
         """Allocate a layer's expert slots on the device (emptied); returns how many it got."""
-        return self._check(self._lib.rotary_sched_set_slots(layer, n_slots))
+        return self._call("set_slots", layer, n_slots)
 
     def set_resident(self, layer: int, experts: list[int]) -> None:
         """Make these experts the layer's residents, in slot order (copies their blocks to the device)."""
-        self._check(self._lib.rotary_sched_set_resident(layer, _int32s(experts), len(experts)))
-
-    def layer_stats(self, layer: int) -> LayerStats:
-        n_expert = self._n_expert[layer]
-        out, counts = (ctypes.c_uint64 * 5)(), (ctypes.c_uint64 * n_expert)()
-        self._check(self._lib.rotary_sched_layer_stats(layer, out, counts, n_expert))
-        return LayerStats(layer, *out, tuple(counts))
-
-    def stats(self) -> dict[str, int]:
-        """Process-wide counters: graph_compute calls, split expert matmuls, device bytes held, nanoseconds
-        commits waited for copies (copy stalls) and commits that had copies pending."""
-        out = (ctypes.c_uint64 * 5)()
-        self._lib.rotary_sched_stats(out)
-        return dict(zip(("graph_calls", "split_matmuls", "device_bytes", "stall_ns", "commits"), out, strict=True))
+        self._call("set_resident", layer, _int32s(experts), len(experts))
 
     def admit(self, layer: int, experts: list[int], slots: list[int]) -> None:
         """Start copying experts into slots (their previous experts leave the slot table now)."""
         if experts:
-            self._check(self._lib.rotary_sched_admit(layer, _int32s(experts), _int32s(slots), len(experts)))
+            self._call("admit", layer, _int32s(experts), _int32s(slots), len(experts))
 
     def commit(self) -> None:
         """Wait for running copies and put their experts in the slot tables."""
-        self._lib.rotary_sched_commit()
+        self._call("commit")
 
     def set_recording(self, on: bool) -> None:
-        self._lib.rotary_sched_set_recording(int(on))
+        self._call("set_recording", int(on))
 
     def take_routing(self, layer: int) -> np.ndarray:
         """The expert ids the layer saw since the last take (token-major), while recording."""
-        n = self._check(self._lib.rotary_sched_take_routing(layer, None, 0))
+        n = self._call("take_routing", layer, None, 0)
         out = np.empty(n, dtype=np.int32)
-        self._check(self._lib.rotary_sched_take_routing(layer, out.ctypes.data_as(_i32p), n))
+        self._call("take_routing", layer, out.ctypes.data_as(_i32p), n)
         return out
 
     def set_replay(self, layer: int, ids: np.ndarray) -> None:
         """Bench only: the layer computes these ids (cycled) instead of the router's."""
         ids = np.ascontiguousarray(ids, dtype=np.int32)
-        self._check(self._lib.rotary_sched_set_replay(layer, ids.ctypes.data_as(_i32p), len(ids)))
+        self._call("set_replay", layer, ids.ctypes.data_as(_i32p), len(ids))
+
+    def layer_stats(self, layer: int) -> LayerStats:
+        n_expert = self._n_expert[layer]
+        out, counts = _LayerStats(), (ctypes.c_uint64 * n_expert)()
+        self._call("layer_stats", layer, ctypes.byref(out), counts, n_expert)
+        return LayerStats(layer, out.device_pairs, out.host_pairs, out.admissions, out.evictions, out.bytes_copied,
+                          tuple(counts))
+
+    def stats(self) -> SchedulerStats:
+        """The model's counters: graph_compute calls, split expert matmuls, device bytes held, nanoseconds
+        commits waited for copies (copy stalls) and commits that had copies pending."""
+        out = _Stats()
+        self._call("stats", ctypes.byref(out))
+        return SchedulerStats(out.graph_calls, out.split_matmuls, out.device_bytes, out.stall_ns, out.commits)
 
     def reset_stats(self) -> None:
-        self._lib.rotary_sched_reset_stats()
-
+        self._call("reset_stats")
