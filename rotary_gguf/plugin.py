@@ -10,18 +10,17 @@ statistics it reports.
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from rotary_gguf import environment
 from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 
 LIBRARY_NAME = "librotary_sched.so"
 ABI = 2
-DEVICE_ENV = "ROTARY_SCHED_DEVICE"  # "cpu": a second CPU backend stands in for the GPU
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _model = ctypes.c_void_p  # rotary_sched_model *
@@ -53,8 +52,7 @@ def _int32s(values: list[int]) -> ctypes.Array:
 
 def plugin_path() -> Path:
     """Where the plugin is: $ROTARY_PLUGIN, else where `rotary plugin build` installs it."""
-    override = os.environ.get("ROTARY_PLUGIN")
-    return Path(override) if override else Path(__file__).parent / "lib" / LIBRARY_NAME
+    return environment.plugin_override() or Path(__file__).parent / "lib" / LIBRARY_NAME
 
 
 def expected_build_info(llama_cpp_version: str) -> str:

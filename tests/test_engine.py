@@ -72,6 +72,7 @@ def test_engine_options_reach_the_rotator(stand_in, tiny_model, slot_budget, ope
     stats = engine.stats().rotary
     assert stats.policy == "lru" and stats.copy_budget_bytes_per_token == 4096
     assert stats.bytes_copied_per_token <= 4096
+    assert stats.device.startswith("rotary expert scheduler, slots on CPU")
 
 
 def test_bench_json_names_policy_and_copy_budget(stand_in, tiny_model, slot_budget):

@@ -230,7 +230,7 @@ class Engine:
 
     # Accounting
     def rotary_stats(self) -> RotaryStats | None:
-        return rotary_stats(self.rotation, scheduler.scheduler_plugin().description) if self.rotation else None
+        return rotary_stats(self.rotation, self.rotation.plugin.description) if self.rotation else None
 
     def stats(self) -> EngineStats:
         t = sample_telemetry()

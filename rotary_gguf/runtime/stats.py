@@ -54,7 +54,8 @@ def _copy_budget(rotation: Rotation) -> str:
     return "unlimited (the profile gives no PCIe bandwidth)"
 
 
-def rotary_stats(rotation: Rotation, device: str) -> RotaryStats:
+def rotary_stats(rotation: Rotation, description: str) -> RotaryStats:
+    """The rotation's counters; description names the device the slots live on."""
     layers = rotation.layer_stats()
     device = sum(s.device_pairs for s in layers)
     host = sum(s.host_pairs for s in layers)
@@ -68,7 +69,7 @@ def rotary_stats(rotation: Rotation, device: str) -> RotaryStats:
         admissions=sum(s.admissions for s in layers), evictions=sum(s.evictions for s in layers),
         bytes_copied=copied, bytes_copied_per_token=round(copied / tokens),
         copy_stall_ms=round(rotation.plugin.stats().stall_ns / 1e6, 3),
-        slots={str(layer): n for layer, n in rotation.slots.items()}, device=device,
+        slots={str(layer): n for layer, n in rotation.slots.items()}, device=description,
         per_layer={str(s.layer): LayerRotation(s.device_pairs, s.host_pairs, s.admissions, s.evictions,
                                                s.bytes_copied) for s in layers})
 
