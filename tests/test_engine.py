@@ -30,7 +30,8 @@ def test_rotary_matches_experts_on_host_under_every_profile(stand_in, wide_arch_
     """cpu-only plans 0 slots per layer (the plugin only counts); the GPU profiles put every expert of the
     model in the stand-in's slots. Either way the text is experts-on-host's, token for token. (Heads of 64:
     the 4 GB profile's q8_0 KV cache needs a multiple of 32.)"""
-    common = [str(wide_arch_models[("qwen3moe", "f32")]), FOX, "-n", "24", "--temp", "0", "--profile", profile, "--ctx", "256"]
+    model = wide_arch_models[("qwen3moe", "f32")]
+    common = [str(model), FOX, "-n", "24", "--temp", "0", "--profile", profile, "--ctx", "256"]
     reference, _ = _run(*common, "--placement", "experts-on-host")
     text, stderr = _run(*common, "--placement", "rotary")
     assert text == reference
