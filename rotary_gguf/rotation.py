@@ -139,6 +139,16 @@ def make_policy(name: str, layers: dict[int, LayerShape], prior: dict[int, np.nd
     return classes[name](layers, prior)
 
 
+def _in_place(chosen: list[int], current: np.ndarray) -> list[int]:
+    """The chosen experts in slot order, those already resident left in their slots, so that only the
+    newcomers are copied (a request's seeding moves what changed, not every slot)."""
+    if len(chosen) != len(current):
+        return chosen
+    stay = set(chosen) & set(current.tolist())
+    newcomers = iter(e for e in chosen if e not in stay)
+    return [int(e) if e in stay else next(newcomers) for e in current.tolist()]
+
+
 class SlotBackend:
     """Where the slot table's decisions go: the scheduler plugin, or nowhere (the simulator)."""
 
@@ -204,7 +214,7 @@ class Rotator:
             counts = np.bincount(ids, minlength=shape.n_expert)
             resident = self.slot_of[layer] >= 0
             order = np.lexsort((np.arange(shape.n_expert), ~resident, -counts))
-            self.set_resident(layer, [int(e) for e in order[: shape.n_slots]])
+            self.set_resident(layer, _in_place([int(e) for e in order[: shape.n_slots]], self.expert_in[layer]))
 
     def set_resident(self, layer: int, chosen: list[int]) -> None:
         """Fill a layer's slots with these experts, in slot order (a synchronous copy)."""

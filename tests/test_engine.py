@@ -62,18 +62,34 @@ def test_run_names_the_profiles_policy_and_copy_budget(stand_in, tiny_model, slo
 
 
 def test_engine_options_reach_the_rotator(stand_in, tiny_model, slot_budget, open_engine):
-    # The 4 GB profile's q8_0 KV cache needs heads of 32: the option overrides the profile's KV type.
-    engine = open_engine(tiny_model, "rtx3050-laptop-4gb", "rotary", ctx=256, vram_budget=slot_budget(tiny_model, 2),
-                         policy="lru", copy_budget=4096, kv_cache_type="f16")
+    engine = open_engine(tiny_model, "rtx4060-laptop-8gb", "rotary", ctx=256, vram_budget=slot_budget(tiny_model, 2),
+                         policy="lru", copy_budget=4096)
     rotation = engine.rotation
+    assert set(rotation.slots.values()) == {2}
     assert rotation.rotator.policy.name == "lru" and rotation.pcie_gbs == 12 and rotation.budget() == 4096
-    assert engine.options.policy == "lru" and engine.options.kv_cache_type == "f16"
-    assert engine.profile.kv_cache_type == "f16" and engine.options.ubatch == 256  # the profile's ubatch
     engine.complete(FOX, 8, ignore_eos=True)
     stats = engine.stats().rotary
     assert stats.policy == "lru" and stats.copy_budget_bytes_per_token == 4096
     assert stats.bytes_copied_per_token <= 4096
     assert stats.device.startswith("rotary expert scheduler, slots on CPU")
+
+
+def test_options_override_the_profile(tiny_model, open_engine):
+    # The 4 GB profile's q8_0 KV cache needs heads of 32 (tiny's are 16): the option overrides its KV type.
+    engine = open_engine(tiny_model, "rtx3050-laptop-4gb", "experts-on-host", ctx=256, kv_cache_type="f16")
+    assert engine.options.kv_cache_type == engine.profile.kv_cache_type == "f16"
+    assert engine.options.ubatch == 256 and engine.options.policy == "hybrid"  # the profile's
+    assert engine.placement.kv_cache_type == "f16"
+
+
+def test_no_slots_or_all_resident_do_not_rotate(stand_in, tiny_model, open_engine):
+    none = open_engine(tiny_model, "cpu-only", "rotary", ctx=256)
+    everything = open_engine(tiny_model, "rtx4060-laptop-8gb", "rotary", ctx=256)
+    for engine, reason in ((none, "none (no slots)"), (everything, "none (every expert resident)")):
+        engine.complete(FOX, 4, ignore_eos=True)
+        stats = engine.stats().rotary
+        assert not engine.rotation.rotate and stats.policy == stats.copy_budget == reason
+    assert none.stats().rotary.expert_reads_device == 0 and everything.stats().rotary.expert_reads_host == 0
 
 
 def test_bench_json_names_policy_and_copy_budget(stand_in, tiny_model, slot_budget):

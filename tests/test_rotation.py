@@ -142,3 +142,17 @@ def test_trace_show_and_plugin_status(stand_in, tmp_path):
     status = runner.invoke(main, ["plugin", "status"])
     assert status.exit_code == 0 and "; llama-cpp-python 0.3.36; ggml backend API" in status.output
     assert "slots on CPU" in status.output
+
+
+def test_prompt_seeding_leaves_staying_experts_in_their_slots():
+    layers = {0: LayerShape(16, 2, 4, 1000)}
+    rotator = Rotator(layers, make_policy("hybrid", layers))
+    rotator.after_prompt({0: np.array([1, 2, 3, 4, 1, 2, 3, 4], np.int32)})
+    before = rotator.expert_in[0].copy()
+    rotator.after_prompt({0: np.array([9, 9, 3, 3, 1, 1, 10, 10], np.int32)})  # 1 and 3 stay; 9 and 10 come in
+    after = rotator.expert_in[0]
+    assert set(after.tolist()) == {1, 3, 9, 10}
+    for slot, expert in enumerate(before.tolist()):
+        if expert in (1, 3):
+            assert after[slot] == expert  # not copied again
+    assert all(rotator.slot_of[0][e] == s for s, e in enumerate(after.tolist()))

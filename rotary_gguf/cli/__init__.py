@@ -23,6 +23,18 @@ class Failure(click.ClickException):
         click.echo(f"rotary: error: {self.format_message()}", err=True)
 
 
+def size_option(value: str | None, flag: str) -> int | None:
+    """A size flag's bytes (6GiB, 6500MiB, 123B), None when not given; a bad value is a Failure."""
+    from rotary_gguf.profile import parse_size
+
+    if value is None:
+        return None
+    try:
+        return parse_size(value, flag)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+
+
 class LazyBar:
     """A click progress bar on stderr, shown from the first report on (so an early error stays one line).
 

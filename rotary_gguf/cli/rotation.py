@@ -7,19 +7,8 @@ from pathlib import Path
 
 import click
 
-from rotary_gguf.cli import Failure, main
+from rotary_gguf.cli import Failure, main, size_option
 from rotary_gguf.rotation import POLICIES
-
-
-def _size(value: str | None, what: str) -> int | None:
-    from rotary_gguf.profile import parse_size
-
-    if value is None:
-        return None
-    try:
-        return parse_size(value, what)
-    except ValueError as exc:
-        raise Failure(str(exc)) from None
 
 
 @main.command()
@@ -46,9 +35,9 @@ def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str,
         raise Failure("give exactly one of --slots and --vram")
     trace = read_trace(trace_path)
     profile = load_profile(profile_name)
-    k = slots if slots is not None else slots_for_vram(trace, _size(vram, "--vram"))
+    k = slots if slots is not None else slots_for_vram(trace, size_option(vram, "--vram"))
     policies = list(POLICIES) if policy == "all" else [policy]
-    budget_bytes = _size(budget, "--budget")
+    budget_bytes = size_option(budget, "--budget")
     results = [run(trace, k, p, profile, budget_bytes=budget_bytes) for p in policies]
     kind = "synthetic" if trace.header.synthetic else "recorded"
     if plot:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from rotary_gguf.cli import Failure, LazyBar, main
+from rotary_gguf.cli import LazyBar, main, size_option
 from rotary_gguf.plan import LAYER_ORDERS, STRATEGIES
 from rotary_gguf.report import (
     format_bench,
@@ -22,17 +22,6 @@ from rotary_gguf.report import (
 from rotary_gguf.rotation import POLICIES
 
 PLACEMENTS = ("auto", *STRATEGIES)
-
-
-def _size(value: str | None, flag: str) -> int | None:
-    from rotary_gguf.profile import parse_size
-
-    if value is None:
-        return None
-    try:
-        return parse_size(value, flag)
-    except ValueError as exc:
-        raise Failure(str(exc)) from None
 
 
 _PLAN_OPTIONS = [
@@ -71,8 +60,8 @@ def _model_options(func):
         from rotary_gguf.runtime import EngineOptions
 
         options = EngineOptions(ctx=ctx, threads=threads, repack=repack, policy=policy,
-                                vram_budget=_size(vram_budget, "--vram-budget"),
-                                copy_budget=_size(copy_budget, "--copy-budget"))
+                                vram_budget=size_option(vram_budget, "--vram-budget"),
+                                copy_budget=size_option(copy_budget, "--copy-budget"))
         return func(*args, options=options, **kwargs)
 
     return wrapper
@@ -146,7 +135,7 @@ def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | Non
     from rotary_gguf.plan import estimate_decode_tok_s
     from rotary_gguf.runtime import EngineOptions, dry_run, gpu_device_name, prepare
 
-    options = EngineOptions(ctx=ctx, vram_budget=_size(vram_budget, "--vram-budget"), layer_order=layer_order)
+    options = EngineOptions(ctx=ctx, vram_budget=size_option(vram_budget, "--vram-budget"), layer_order=layer_order)
     setup = prepare(model, profile_name, placement, options, runnable=False)
     for note in setup.notes:
         click.echo(f"note: {note}", err=True)

@@ -83,9 +83,11 @@ def open_scheduler(index: ModelIndex, placement: Placement, profile: Profile, op
     try:
         layers = {layer: LayerShape(model.n_expert(layer), index.params.n_expert_used, model.set_slots(layer, n),
                                     index.slot_bytes(layer)) for layer, n in placement.expert_slots}
+        # Nothing to rotate when no layer has slots (the plugin only counts) or every expert is resident.
+        movable = any(0 < s.n_slots < s.n_expert for s in layers.values())
         rotation = Rotation(model, layers, options.policy or profile.rotation_policy, pcie_gbs=profile.pcie_gbs,
-                            budget_bytes=options.copy_budget, prior=popularity, rotate=options.rotate and
-                            not options.routing_only, trace=trace, replay=replay)
+                            budget_bytes=options.copy_budget, prior=popularity,
+                            rotate=options.rotate and not options.routing_only and movable, trace=trace, replay=replay)
         if popularity:
             rotation.seed_from_popularity(popularity)
     except BaseException:

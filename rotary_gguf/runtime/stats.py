@@ -44,9 +44,18 @@ class RotaryStats:
         return out
 
 
+def _static(rotation: Rotation) -> str:
+    """Why the slots do not rotate."""
+    if not rotation.slots:
+        return "none (no slots)"
+    if all(s.n_slots >= s.n_expert for s in rotation.layers.values()):
+        return "none (every expert resident)"
+    return "none (static residency)"
+
+
 def _copy_budget(rotation: Rotation) -> str:
     if not rotation.rotate:
-        return "none (static residency)"
+        return _static(rotation)
     if rotation.fixed_budget is not None:
         return f"{rotation.fixed_budget} bytes per token (fixed)"
     if rotation.pcie_gbs:
@@ -64,7 +73,7 @@ def rotary_stats(rotation: Rotation, description: str) -> RotaryStats:
     return RotaryStats(
         hit_rate=round(device / (device + host), 4) if device + host else 0.0,
         expert_reads_device=device, expert_reads_host=host,
-        policy=rotation.rotator.policy.name if rotation.rotate else "none (static)",
+        policy=rotation.rotator.policy.name if rotation.rotate else _static(rotation),
         copy_budget=_copy_budget(rotation), copy_budget_bytes_per_token=rotation.budget() if rotation.rotate else 0,
         admissions=sum(s.admissions for s in layers), evictions=sum(s.evictions for s in layers),
         bytes_copied=copied, bytes_copied_per_token=round(copied / tokens),
