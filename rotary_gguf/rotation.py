@@ -379,7 +379,8 @@ class Rotation:
         self.plugin, self.layers, self.trace, self.rotate, self.replay = plugin, layers, trace, rotate, replay
         self.observer = observer  # sees every step's routing ("prompt" or "decode")
         # The plugin keeps every step's routing for us only when something reads it.
-        self.recording = bool(rotate or trace or observer or any(s.n_slots for s in layers.values()))
+        # (Prompt seeding needs it too, unless no layer has slots or every expert is resident.)
+        self.recording = bool(rotate or trace or observer or any(0 < s.n_slots < s.n_expert for s in layers.values()))
         self.fixed_budget, self.pcie_gbs = budget_bytes, pcie_gbs
         self.token_seconds: float | None = None
         self._last = 0.0

@@ -90,6 +90,9 @@ def open_scheduler(index: ModelIndex, placement: Placement, profile: Profile, op
                             rotate=options.rotate and not options.routing_only and movable, trace=trace, replay=replay)
         if popularity:
             rotation.seed_from_popularity(popularity)
+        for layer, shape in layers.items():  # a layer whose slots hold all its experts is filled once, now
+            if shape.n_slots >= shape.n_expert and not (popularity and layer in popularity):
+                rotation.rotator.set_resident(layer, list(range(shape.n_expert)))
     except BaseException:
         model.close()
         raise
