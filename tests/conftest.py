@@ -168,3 +168,78 @@ def slot_budget() -> Callable[..., int]:
     """slot_budget(path, slots, ctx=256) -> bytes: the VRAM budget (rtx4060-laptop-8gb profile) whose rotary
     plan holds `slots` experts per layer."""
     return _budget_for_slots
+
+
+# Tiny random checkpoints of the newer MoE families, written by transformers from a config (the shapes
+# here), with the embedded BPE tokenizer; converted to GGUF by llama.cpp's own convert_hf_to_gguf.py.
+FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    # model_type: (transformers config class, architecture, tiny shapes)
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, max_position_embeddings=4096, tie_word_embeddings=False)),
+}
+# Extra arguments of convert_hf_to_gguf.py per family (the release's MTP block is not in a tiny checkpoint).
+FAMILY_CONVERT_ARGS: dict[str, list[str]] = {"qwen3_5_moe_text": ["--no-mtp"]}
+
+
+def _family_checkpoint(model_type: str, out: Path, seed: int = 0) -> Path:
+    import shutil
+
+    import torch
+    import transformers
+
+    from rotary_gguf.synth.hf import write_hf_checkpoint
+    from rotary_gguf.synth.vocab import embedded_vocabulary
+
+    config_class, architecture, shapes = FAMILY_CONFIGS[model_type]
+    config = getattr(transformers, config_class)(vocab_size=len(embedded_vocabulary().tokens), **shapes)
+    config.architectures = [architecture]
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    tokenizer = out / "_tokenizer"
+    write_hf_checkpoint(tokenizer, "qwen3_moe", dtype="f32")
+    for f in tokenizer.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            shutil.copy(f, out / f.name)
+    shutil.rmtree(tokenizer)
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """family_checkpoints(model_type) -> the folder of a tiny random HF checkpoint (written once)."""
+    folder = tmp_path_factory.mktemp("families")
+    made: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in made:
+            made[model_type] = _family_checkpoint(model_type, folder / model_type)
+        return made[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_models(family_checkpoints: Callable[[str], Path], models_dir: Path) -> Callable[[str], Path]:
+    """family_models(model_type) -> that checkpoint as an F32 GGUF made by llama.cpp's convert_hf_to_gguf.py."""
+    import subprocess
+    import sys
+
+    from rotary_gguf.plugin_build import llama_cpp_converter
+
+    reference = Path(__file__).resolve().parents[1] / "scripts" / "reference_convert.py"
+    made: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in made:
+            out = models_dir / f"family-{model_type}-f32.gguf"
+            command = [sys.executable, str(reference), str(llama_cpp_converter()), str(family_checkpoints(model_type)),
+                       "--outtype", "f32", "--outfile", str(out), *FAMILY_CONVERT_ARGS.get(model_type, [])]
+            done = subprocess.run(command, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr[-2000:]
+            made[model_type] = out
+        return made[model_type]
+
+    return get

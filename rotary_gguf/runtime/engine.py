@@ -17,7 +17,7 @@ from rotary_gguf.plan import Placement, plan_placement
 from rotary_gguf.profile import Profile, load_profile
 from rotary_gguf.rotation import Rotation
 from rotary_gguf.runtime import scheduler
-from rotary_gguf.runtime.generation import Generation, Sampling, Stream, context_size, reuse_cache
+from rotary_gguf.runtime.generation import Generation, PromptCache, Sampling, Stream, context_size, evaluate
 from rotary_gguf.runtime.llama import Buffer, gpu_device_name, llama_cpp
 from rotary_gguf.runtime.loader import LoadedLlama, dry_run, load_llama
 from rotary_gguf.runtime.options import EngineOptions
@@ -88,6 +88,7 @@ class Engine:
         self.setup, self._loaded, self._llm, self.rotation = setup, loaded, loaded.llm, rotation
         self._trace = trace
         self._template: ChatTemplate | None = None
+        self._cache = PromptCache(self._llm)
         self.last: Generation | None = None
         self.gpu = gpu_device_name()
 
@@ -198,7 +199,8 @@ class Engine:
         whose new prompt extends the last); ignore_eos always decodes max_tokens (benchmarks)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         return Stream(self._llm, self.rotation, ids, max_tokens, sampling or Sampling(), keep_state=keep_state,
-                      ignore_eos=ignore_eos, interruptible=interruptible, on_finish=self._finished)
+                      ignore_eos=ignore_eos, interruptible=interruptible, on_finish=self._finished,
+                      cache=self._cache)
 
     def complete(self, prompt: str | list[int], max_tokens: int, *, sampling: Sampling | None = None,
                  keep_state: bool = False, ignore_eos: bool = False) -> Generation:
@@ -213,8 +215,8 @@ class Engine:
         """Evaluate tokens with no sampling and no rotation step: from an empty cache, or after what is
         already evaluated (append=True). logits() then reads the last token's."""
         if not append:
-            reuse_cache(self._llm, ids, keep_state=False)
-        self._llm.eval(list(ids))
+            self._cache.reuse(ids, keep_state=False)
+        evaluate(self._llm, list(ids))
 
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated token, read from llama.cpp."""
@@ -226,6 +228,7 @@ class Engine:
     def reset(self) -> None:
         """Forget the evaluated tokens (the next prompt is evaluated whole)."""
         self._llm.reset()
+        self._cache.clear()
         llama_cpp().llama_memory_clear(llama_cpp().llama_get_memory(self._llm.ctx), True)
 
     # Accounting

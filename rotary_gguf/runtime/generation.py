@@ -3,6 +3,7 @@ cache reused for the prompt's prefix that is already evaluated, and wall-clock t
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,19 +66,85 @@ def context_size(llm: Any) -> int:
     return min(llm.n_ctx(), len(llm.input_ids))
 
 
-def reuse_cache(llm: Any, prompt_ids: list[int], keep_state: bool) -> int:
-    """Cut the KV cache back to the longest prefix of the prompt it already holds (at most all but the last
-    token, whose logits are needed) and return that prefix's length. Recurrent and hybrid memory cannot
-    drop a suffix (llama_memory_seq_rm says so): the cache is then cleared and the prompt evaluated whole."""
+class DecodeError(RotaryError):
+    """llama.cpp failed to evaluate a batch."""
+
+
+def can_trim(llm: Any) -> bool:
+    """Whether llama.cpp can drop the end of this model's memory: not for recurrent or hybrid memory
+    (qwen35moe's Gated DeltaNet layers, Mamba-style state), nor for a sliding-window KV cache that is not
+    full-size (its cells for old positions may be gone; llama.cpp's default, and ours, is full-size)."""
     lib = llama_cpp()
-    evaluated = llm.input_ids[: llm.n_tokens].tolist()
-    reuse = min(common_prefix(prompt_ids, evaluated), len(prompt_ids) - 1) if keep_state else 0
-    memory = lib.llama_get_memory(llm.ctx)
-    if reuse < llm.n_tokens and not lib.llama_memory_seq_rm(memory, -1, reuse, -1):
-        lib.llama_memory_clear(memory, True)
-        reuse = 0
-    llm.n_tokens = max(reuse, 0)
-    return llm.n_tokens
+    swa_pruned = lib.llama_model_n_swa(llm.model) > 0 and not llm.context_params.swa_full
+    return not (lib.llama_model_is_recurrent(llm.model) or lib.llama_model_is_hybrid(llm.model) or swa_pruned)
+
+
+PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY (llama.h): the recurrent / SWA part of a sequence's state
+SEQ = 0  # the one sequence llama-cpp-python evaluates (recurrent memory refuses partial removals for seq -1)
+
+
+class PromptCache:
+    """What of a new prompt the context already holds, and how to get back to it.
+
+    Memory that can drop a suffix is cut back to the longest common prefix. Memory that cannot (can_trim)
+    keeps a checkpoint of its recurrent state taken when a prompt was evaluated (llama.cpp's
+    `llama_state_seq_*` with PARTIAL_ONLY, as llama-server's context checkpoints): a later prompt that
+    starts with that prompt restores it and evaluates only the rest (a conversation's next turn); anything
+    else clears the memory and evaluates the prompt whole."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self._trim = can_trim(llm)
+        self._checkpoint: tuple[list[int], ctypes.Array] | None = None  # (the tokens it holds, state bytes)
+
+    def reuse(self, prompt_ids: list[int], keep_state: bool) -> int:
+        """Set the context up for prompt_ids; returns how many of its tokens need no evaluation (at most
+        all but the last, whose logits are needed)."""
+        llm, lib = self.llm, llama_cpp()
+        evaluated = llm.input_ids[: llm.n_tokens].tolist()
+        reuse = min(common_prefix(prompt_ids, evaluated), len(prompt_ids) - 1) if keep_state else 0
+        memory = lib.llama_get_memory(llm.ctx)
+        if reuse < llm.n_tokens:
+            if reuse and not self._trim:
+                reuse = self._restore(prompt_ids[:reuse])
+            elif not lib.llama_memory_seq_rm(memory, SEQ, reuse, -1):
+                reuse = 0
+            if reuse == 0:
+                lib.llama_memory_clear(memory, True)
+        llm.n_tokens = reuse
+        return reuse
+
+    def _restore(self, prefix: list[int]) -> int:
+        """The checkpoint's token count once restored (the memory then ends there), or 0 when it is not a
+        prefix of `prefix` or llama.cpp refuses it."""
+        if self._checkpoint is None or prefix[: len(self._checkpoint[0])] != self._checkpoint[0]:
+            return 0
+        lib, (tokens, state) = llama_cpp(), self._checkpoint
+        restored = lib.llama_state_seq_set_data_ext(self.llm.ctx, state, len(state), 0, PARTIAL_ONLY)
+        if not restored or not lib.llama_memory_seq_rm(lib.llama_get_memory(self.llm.ctx), SEQ, len(tokens), -1):
+            return 0
+        return len(tokens)
+
+    def checkpoint(self) -> None:
+        """After a prompt was evaluated: remember the state a next turn can start from (cannot-trim memory)."""
+        if self._trim:
+            return
+        lib, ctx = llama_cpp(), self.llm.ctx
+        size = lib.llama_state_seq_get_size_ext(ctx, 0, PARTIAL_ONLY)
+        state = (ctypes.c_uint8 * size)()
+        if lib.llama_state_seq_get_data_ext(ctx, state, size, 0, PARTIAL_ONLY) == size:
+            self._checkpoint = (self.llm.input_ids[: self.llm.n_tokens].tolist(), state)
+
+    def clear(self) -> None:
+        self._checkpoint = None
+
+
+def evaluate(llm: Any, ids: list[int]) -> None:
+    """llm.eval, with a failed llama_decode as one clear error."""
+    try:
+        llm.eval(ids)
+    except RuntimeError as exc:  # llama-cpp-python: "llama_decode returned -1"
+        raise DecodeError(f"llama.cpp could not evaluate {len(ids)} token(s) after {llm.n_tokens}: {exc}") from None
 
 
 def _complete_utf8(data: bytes) -> tuple[str, bytes]:
@@ -99,7 +166,7 @@ class Stream:
 
     def __init__(self, llm: Any, rotation: Rotation | None, prompt_ids: list[int], max_tokens: int,
                  sampling: Sampling, *, keep_state: bool, ignore_eos: bool, interruptible: bool,
-                 on_finish: Callable[[Generation], None] | None = None) -> None:
+                 on_finish: Callable[[Generation], None] | None = None, cache: PromptCache | None = None) -> None:
         n_ctx = context_size(llm)
         if not prompt_ids:
             raise ContextError("the prompt is empty")
@@ -110,6 +177,7 @@ class Stream:
         self._max_tokens = min(max_tokens, n_ctx - len(prompt_ids))
         self._sampling, self._keep_state, self._ignore_eos = sampling, keep_state, ignore_eos
         self._interruptible, self._on_finish = interruptible, on_finish
+        self._cache = cache or PromptCache(llm)
         self.tokens: list[int] = []
         self._cached = 0
         self._prompt_seconds = self._decode_seconds = 0.0
@@ -154,14 +222,15 @@ class Stream:
 
     def _generate(self) -> Iterator[str]:
         llm, rotation, s = self._llm, self._rotation, self._sampling
-        self._cached = reuse_cache(llm, self._ids, self._keep_state)
+        self._cached = self._cache.reuse(self._ids, self._keep_state)
         llm.set_seed(s.seed)
         vocab = llama_cpp().llama_model_get_vocab(llm.model)
         started = time.perf_counter()
         try:
             if rotation:
                 rotation.before_prompt()
-            llm.eval(self._ids[llm.n_tokens:])
+            evaluate(llm, self._ids[llm.n_tokens:])
+            self._cache.checkpoint()
             if rotation:
                 rotation.after_prompt()
         except KeyboardInterrupt:
@@ -186,7 +255,7 @@ class Stream:
                 if text:
                     yield text
                 started = time.perf_counter() - self._decode_seconds
-                llm.eval([token])
+                evaluate(llm, [token])
                 if rotation:
                     rotation.after_token()
             self._interrupted = self._stopping
