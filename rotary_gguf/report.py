@@ -159,10 +159,13 @@ def format_profile(profile) -> str:
 
 def format_rotary_line(r) -> str:
     """One line of the rotary scheduler's counters (a runtime.RotaryStats): `run` on stderr, chat's /stats."""
-    budget = (f"{format_bytes(r.copy_budget_bytes_per_token)}/token now" if r.copy_budget_bytes_per_token
-              else "no limit yet" if r.copy_budget_bytes_per_token is None else "none")
+    now = r.copy_budget_bytes_per_token
+    if now:
+        budget = f" ({format_bytes(now)}/token now)"
+    else:  # None: no token measured yet, or no limit at all
+        budget = " (no limit until a token is measured)" if now is None and "token time" in r.copy_budget else ""
     return (f"rotary: {r.hit_rate:.1%} of expert reads from slots ({r.expert_reads_device} device, "
-            f"{r.expert_reads_host} host); policy {r.policy}; copy budget {r.copy_budget} ({budget}); "
+            f"{r.expert_reads_host} host); policy {r.policy}; copy budget {r.copy_budget}{budget}; "
             f"{r.admissions} admitted, {r.evictions} evicted, {format_bytes(r.bytes_copied)} copied, "
             f"copy stalls {r.copy_stall_ms:.1f} ms")
 
