@@ -4,6 +4,7 @@ context, scheduler plugin state and rotation - and everything the commands do wi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -192,21 +193,24 @@ class Engine:
 
     # Generation
     def generate(self, prompt: str | list[int], max_tokens: int, *, sampling: Sampling | None = None,
-                 keep_state: bool = False, ignore_eos: bool = False, interruptible: bool = True) -> Stream:
+                 keep_state: bool = False, ignore_eos: bool = False, interruptible: bool = True,
+                 stop: Sequence[str] = ()) -> Stream:
         """A stream of the text generated after prompt (text or token ids); iterate it, then read .result.
 
         keep_state reuses the KV cache for the prompt's prefix that is already evaluated (a conversation
-        whose new prompt extends the last); ignore_eos always decodes max_tokens (benchmarks)."""
+        whose new prompt extends the last); ignore_eos always decodes max_tokens (benchmarks); the stream ends
+        before the first of the `stop` strings (result.finish_reason "stop"). sampling.grammar constrains the
+        tokens (GrammarError when llama.cpp refuses it)."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         return Stream(self._llm, self.rotation, ids, max_tokens, sampling or Sampling(), keep_state=keep_state,
                       ignore_eos=ignore_eos, interruptible=interruptible, on_finish=self._finished,
-                      cache=self._cache)
+                      cache=self._cache, stop=stop)
 
     def complete(self, prompt: str | list[int], max_tokens: int, *, sampling: Sampling | None = None,
-                 keep_state: bool = False, ignore_eos: bool = False) -> Generation:
+                 keep_state: bool = False, ignore_eos: bool = False, stop: Sequence[str] = ()) -> Generation:
         """generate(), drained: the whole generation at once (Ctrl-C propagates)."""
         return self.generate(prompt, max_tokens, sampling=sampling, keep_state=keep_state, ignore_eos=ignore_eos,
-                             interruptible=False).drain()
+                             interruptible=False, stop=stop).drain()
 
     def _finished(self, generation: Generation) -> None:
         self.last = generation

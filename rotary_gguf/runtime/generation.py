@@ -1,21 +1,27 @@
 """Generating tokens on a loaded llama.cpp context: a stream of text pieces that can be stopped, the KV
-cache reused for the prompt's prefix that is already evaluated, and wall-clock timings."""
+cache reused for the prompt's prefix that is already evaluated, and wall-clock timings; stop strings, and
+llama.cpp grammars (GBNF, JSON schemas) that constrain which tokens may come."""
 
 from __future__ import annotations
 
 import ctypes
+import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rotary_gguf.errors import RotaryError
 from rotary_gguf.rotation import Rotation
-from rotary_gguf.runtime.llama import llama_cpp
+from rotary_gguf.runtime.llama import captured_log, last_line, llama_cpp
 
 
 class ContextError(RotaryError):
     """The prompt does not fit the context."""
+
+
+class GrammarError(RotaryError):
+    """A grammar (or the JSON schema it comes from) that llama.cpp cannot use."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,7 @@ class Sampling:
     top_p: float = 0.95
     min_p: float = 0.05
     seed: int = 0
+    grammar: str | None = None  # GBNF (llama.cpp's grammar format): only tokens it allows are sampled
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,15 @@ class Generation:
     stopped_at_eos: bool
     interrupted: bool = False  # stopped early (Ctrl-C, or the caller stopped the stream)
     cached_tokens: int = 0  # prompt tokens whose KV state was reused from the previous request
+    stop_text: str | None = None  # the stop string that ended the generation (not in text)
+
+    @property
+    def finish_reason(self) -> str:
+        """stop (end of generation token or a stop string), length (max_tokens or the context ran out), or
+        interrupted."""
+        if self.stopped_at_eos or self.stop_text is not None:
+            return "stop"
+        return "interrupted" if self.interrupted else "length"
 
     @property
     def prompt_tokens_per_second(self) -> float:
@@ -147,6 +163,61 @@ def evaluate(llm: Any, ids: list[int]) -> None:
         raise DecodeError(f"llama.cpp could not evaluate {len(ids)} token(s) after {llm.n_tokens}: {exc}") from None
 
 
+def json_grammar(schema: dict[str, Any] | None = None) -> str:
+    """GBNF for JSON output: any JSON object (schema None or {}), or a value valid against a JSON schema
+    (llama-cpp-python's converter, llama.cpp's json-schema-to-grammar)."""
+    grammar = llama_cpp().llama_grammar
+    if not schema:
+        return grammar.JSON_GBNF
+    try:
+        return grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises whatever it meets (KeyError, ValueError, RecursionError, ...)
+        raise GrammarError(f"the JSON schema cannot be turned into a grammar: {type(exc).__name__}: {exc}") from None
+
+
+def check_grammar(llm: Any, grammar: str) -> None:
+    """Raise GrammarError unless llama.cpp parses the grammar (a grammar it refuses must never reach a sampler
+    chain: llama-cpp-python would add a null sampler)."""
+    lib = llama_cpp()
+    with captured_log() as lines:
+        sampler = lib.llama_sampler_init_grammar(lib.llama_model_get_vocab(llm.model), grammar.encode("utf-8"),
+                                                 b"root")
+    if not sampler:
+        raise GrammarError(f"llama.cpp cannot parse the grammar: {last_line(lines)}")
+    lib.llama_sampler_free(sampler)
+
+
+class _StopScan:
+    """Text pieces in, text out, up to the first stop string: what could still be the start of a stop string
+    is held back until the next piece decides."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.held = self.emitted = ""
+        self.found: str | None = None
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        held = self.held + text
+        hits = [(i, stop) for stop in self.stops if (i := held.find(stop)) >= 0]
+        if hits:
+            cut, self.found = min(hits)
+            out, self.held = held[:cut], ""
+        else:
+            keep = next((k for k in range(min(len(held), max(map(len, self.stops)) - 1), 0, -1)
+                         if any(stop.startswith(held[-k:]) for stop in self.stops)), 0)
+            out, self.held = held[: len(held) - keep], held[len(held) - keep:]
+        self.emitted += out
+        return out
+
+    def flush(self) -> str:
+        """At the end with no stop string found: the text held back."""
+        out, self.held = self.held, ""
+        self.emitted += out
+        return out
+
+
 def _complete_utf8(data: bytes) -> tuple[str, bytes]:
     """Split bytes into the decodable text and an incomplete trailing UTF-8 sequence."""
     for cut in range(len(data), max(len(data) - 4, -1), -1):
@@ -162,17 +233,27 @@ class Stream:
 
     `stop()` ends it after the current token; with `interruptible`, Ctrl-C (KeyboardInterrupt) inside the
     decode ends it the same way, and a consumer that catches Ctrl-C itself calls `close()`. Either way the
-    KV cache stays consistent and `result` holds what was generated (interrupted=True)."""
+    KV cache stays consistent and `result` holds what was generated (interrupted=True).
+
+    `stop` strings end it when the text contains one: the text before it is yielded, the stop string and
+    anything after it are not (result.stop_text names it). A grammar in `sampling` is checked here
+    (GrammarError) and constrains every sampled token."""
 
     def __init__(self, llm: Any, rotation: Rotation | None, prompt_ids: list[int], max_tokens: int,
                  sampling: Sampling, *, keep_state: bool, ignore_eos: bool, interruptible: bool,
-                 on_finish: Callable[[Generation], None] | None = None, cache: PromptCache | None = None) -> None:
+                 on_finish: Callable[[Generation], None] | None = None, cache: PromptCache | None = None,
+                 stop: Sequence[str] = ()) -> None:
         n_ctx = context_size(llm)
         if not prompt_ids:
             raise ContextError("the prompt is empty")
         if len(prompt_ids) >= n_ctx:
             raise ContextError(f"the prompt has {len(prompt_ids)} tokens and the context holds {n_ctx}; "
                                "use a larger --ctx or a shorter prompt")
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        if sampling.grammar is not None:
+            check_grammar(llm, sampling.grammar)
+        self._scan = _StopScan(stop)
         self._llm, self._rotation, self._ids = llm, rotation, prompt_ids
         self._max_tokens = min(max_tokens, n_ctx - len(prompt_ids))
         self._sampling, self._keep_state, self._ignore_eos = sampling, keep_state, ignore_eos
@@ -216,9 +297,24 @@ class Stream:
 
     @property
     def result(self) -> Generation:
-        text = self._llm.detokenize(self.tokens).decode("utf-8", errors="replace")
+        found = self._scan.found
+        text = self._scan.emitted if found is not None else \
+            self._llm.detokenize(self.tokens).decode("utf-8", errors="replace")
         return Generation(len(self._ids), tuple(self.tokens), text, self._prompt_seconds, self._decode_seconds,
-                          self._eos, self._interrupted, self._cached)
+                          self._eos, self._interrupted, self._cached, found)
+
+    def _sampler(self) -> tuple[Callable[[], int], Callable[[], None]]:
+        """sample() -> the next token, and what frees the sampler. Without a grammar, llama-cpp-python's own
+        per-token chain (as before); with one, the same chain plus the grammar, kept for the whole generation
+        (the grammar's state follows the accepted tokens)."""
+        llm, s = self._llm, self._sampling
+        if s.grammar is None:
+            return (lambda: llm.sample(temp=s.temp, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, repeat_penalty=1.0),
+                    lambda: None)
+        lib = llama_cpp()
+        chain = llm._init_sampler(temp=s.temp, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, repeat_penalty=1.0,
+                                  grammar=lib.llama_grammar.LlamaGrammar.from_string(s.grammar))
+        return lambda: lib.llama_sampler_sample(chain.sampler, llm.ctx, -1), chain.close
 
     def _generate(self) -> Iterator[str]:
         llm, rotation, s = self._llm, self._rotation, self._sampling
@@ -242,27 +338,34 @@ class Stream:
             self._prompt_seconds = time.perf_counter() - started
         started = time.perf_counter()
         pending = b""
+        sample, free_sampler = self._sampler()
         try:
             while len(self.tokens) < self._max_tokens and not self._stopping:
-                token = llm.sample(temp=s.temp, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, repeat_penalty=1.0)
+                token = sample()
                 if not self._ignore_eos and llama_cpp().llama_vocab_is_eog(vocab, token):
                     self._eos = True
                     break
                 self.tokens.append(token)
                 pending += llm.detokenize([token], prev_tokens=self.tokens[:-1])
                 text, pending = _complete_utf8(pending)
+                text = self._scan.feed(text)
                 self._decode_seconds = time.perf_counter() - started
                 if text:
                     yield text
                 started = time.perf_counter() - self._decode_seconds
+                if self._scan.found is not None:
+                    break  # the stop string's last token needs no evaluation, like an end of generation token
                 evaluate(llm, [token])
                 if rotation:
                     rotation.after_token()
-            self._interrupted = self._stopping
+            self._interrupted = self._stopping and self._scan.found is None
+            if self._scan.found is None and (rest := self._scan.flush()):
+                yield rest
         except KeyboardInterrupt:
             if not self._interruptible:
                 raise
             self._interrupted = True
         finally:
+            free_sampler()
             self._decode_seconds = time.perf_counter() - started
             self._done = True
