@@ -39,6 +39,7 @@ from rotary_gguf.errors import (
     RotaryError,
     UnknownTypeError,
 )
+from rotary_gguf.memory import LayerMemory, layer_memory
 
 __all__ = [
     "ExpertBlock",
@@ -77,6 +78,12 @@ _ROUTED_PROJ: dict[MODEL_TENSOR, str] = {
 }
 _PROJ_ORDER = {proj: i for i, proj in enumerate(_ROUTED_PROJ.values())}
 _ROUTER = {MODEL_TENSOR.FFN_GATE_INP, MODEL_TENSOR.FFN_EXP_PROBS_B}
+# Per-layer expert tensors the pinned llama.cpp (src/llama-arch.cpp) names that the installed gguf-py may
+# not: deepseek4's second selection bias and its hash-routing table (token id -> experts) are routing.
+_PINNED_EXPERT_NAMES: dict[str, TensorClass] = {
+    "exp_probs_b_vl": TensorClass.ROUTER,
+    "ffn_gate_tid2eid": TensorClass.ROUTER,
+}
 _DENSE_FFN = {MODEL_TENSOR.FFN_GATE, MODEL_TENSOR.FFN_UP, MODEL_TENSOR.FFN_DOWN}
 _PARTS = ("weight", "bias", "scale", "input_scale")
 _LAYER_PREFIX = "blk.{bid}."
@@ -182,6 +189,15 @@ class ModelIndex:
         return totals
 
     @cached_property
+    def loaded_bytes_by_class(self) -> dict[str, int]:
+        """bytes_by_class without the NextN blocks, whose tensors llama.cpp does not load for decoding."""
+        totals = dict(self.bytes_by_class)
+        for layer in self.nextn_layers:
+            for cls, n in self.bytes_by_layer.get(layer, {}).items():
+                totals[cls] -= n
+        return totals
+
+    @cached_property
     def bytes_by_layer(self) -> dict[int, dict[str, int]]:
         """Bytes per class for each layer that has tensors (global tensors are left out)."""
         layers: dict[int, Counter[str]] = defaultdict(Counter)
@@ -196,8 +212,20 @@ class ModelIndex:
         return dict(Counter(t.type.name for t in self.tensors).most_common())
 
     @cached_property
+    def layer_memory(self) -> tuple[LayerMemory, ...]:
+        """Per layer: KV elements per token, sliding window, recurrent state, NextN (rotary_gguf.memory)."""
+        p = self.params
+        return layer_memory(self.metadata, p.arch, p.n_layer, p.n_head, p.n_embd)
+
+    @cached_property
+    def nextn_layers(self) -> tuple[int, ...]:
+        """MTP/NextN blocks: llama.cpp skips their tensors when loading for normal decoding."""
+        return tuple(m.layer for m in self.layer_memory if m.nextn)
+
+    @cached_property
     def moe_layers(self) -> tuple[int, ...]:
-        return tuple(sorted({b.layer for b in self.experts}))
+        """Layers with routed experts that decoding runs (NextN blocks left out: they get no slots)."""
+        return tuple(sorted({b.layer for b in self.experts} - set(self.nextn_layers)))
 
     @cached_property
     def _blocks_by_layer_expert(self) -> dict[tuple[int, int], tuple[ExpertBlock, ...]]:
@@ -263,6 +291,8 @@ class ModelIndex:
             **{k: getattr(p, k) for k in p.__dataclass_fields__},
             "n_tensors": len(self.tensors),
             "moe_layers": list(self.moe_layers),
+            "nextn_layers": list(self.nextn_layers),
+            "layer_memory": [m.to_json() for m in self.layer_memory],
             "bytes_by_class": self.bytes_by_class,
             "bytes_by_layer": {str(k): v for k, v in self.bytes_by_layer.items()},
             "expert_bytes": self.max_expert_bytes,
@@ -478,15 +508,18 @@ def classify(name: str) -> tuple[TensorClass, int | None, MODEL_TENSOR | None, s
         return _class_of(kind, part), None, kind, part
     layer, suffix = int(m.group(1)), m.group(2)
     kind = _PER_LAYER_NAMES.get(suffix)
+    if kind is None and suffix in _PINNED_EXPERT_NAMES:
+        return _PINNED_EXPERT_NAMES[suffix], layer, None, part
     return _class_of(kind, part), layer, kind, part
 
 
 def _expert_blocks(entry: TensorEntry, proj: str, part: str) -> list[ExpertBlock]:
-    """Split a tensor whose last ggml dimension counts experts into one block per expert."""
+    """Split a tensor whose last ggml dimension counts experts into one block per expert: weights
+    [ne0, ne1, n_expert], biases [ne0, n_expert], per-expert scalars [n_expert] (gemma4's down scale)."""
     n_expert = entry.shape[-1]
     block, _ = GGML_QUANT_SIZES[entry.type]
-    per_expert_elems = int(np.prod(entry.shape[:-1], dtype=np.uint64))
-    if len(entry.shape) < 2 or entry.nbytes % n_expert or per_expert_elems % block:
+    per_expert_elems = math.prod(entry.shape[:-1])
+    if not n_expert or entry.nbytes % n_expert or per_expert_elems % block:
         raise MalformedGGUFError(
             f"expert tensor {entry.name!r} shape {list(entry.shape)} ({entry.type.name}) "
             f"does not split into {n_expert} whole-block experts"

@@ -68,17 +68,18 @@ class Placement:
     slot_bytes: int = 0  # rotary: VRAM of the slots and the plugin's scratch (invisible to llama.cpp)
     device_read_share: float = 0.0  # rotary: predicted share of expert reads served from VRAM
     calibrated: bool = False  # rotary: that share comes from calibration popularity (else uniform routing)
+    state_bytes: int = 0  # recurrent state (conv + SSM) of hybrid models, beside the KV cache
 
     @property
     def predicted_vram_bytes(self) -> int:
         if not self.vram_budget_bytes:
             return 0
-        return (self.gpu_weight_bytes + self.gpu_expert_bytes + self.slot_bytes + self.kv_bytes + self.compute_bytes
-                + self.overhead_bytes)
+        return (self.gpu_weight_bytes + self.gpu_expert_bytes + self.slot_bytes + self.kv_bytes + self.state_bytes
+                + self.compute_bytes + self.overhead_bytes)
 
     @property
     def predicted_host_bytes(self) -> int:
-        kv_on_host = 0 if self.vram_budget_bytes else self.kv_bytes
+        kv_on_host = 0 if self.vram_budget_bytes else self.kv_bytes + self.state_bytes
         return self.host_weight_bytes + self.host_compute_bytes + kv_on_host
 
     def to_json(self) -> dict[str, Any]:
@@ -88,6 +89,7 @@ class Placement:
             "n_gpu_layers": self.n_gpu_layers, "predicted_vram_bytes": self.predicted_vram_bytes,
             "predicted_host_bytes": self.predicted_host_bytes, "gpu_weight_bytes": self.gpu_weight_bytes,
             "gpu_expert_bytes": self.gpu_expert_bytes, "kv_bytes": self.kv_bytes,
+            "state_bytes": self.state_bytes,
             "compute_bytes": self.compute_bytes, "overhead_bytes": self.overhead_bytes,
             "host_weight_bytes": self.host_weight_bytes, "host_compute_bytes": self.host_compute_bytes,
             "gpu_expert_layers": list(self.gpu_expert_layers),
@@ -99,14 +101,21 @@ class Placement:
 
 
 def kv_cache_bytes(index: ModelIndex, ctx: int, kv_cache_type: str, n_layers: int | None = None) -> int:
-    """K and V for `ctx` tokens in the first n_layers layers (default all), as llama.cpp sizes them:
-    per layer n_head_kv x (key_length + value_length) elements per token; layers without KV heads
-    (recurrent layers of hybrid models) hold none; MLA models store their latent this way too; SWA
-    layers are full-size (llama-cpp-python's default)."""
-    p = index.params
-    heads = sum(p.n_head_kv_layers[: p.n_layer if n_layers is None else n_layers])
-    per_head_token = (p.head_dim_k + p.head_dim_v) * KV_BYTES_PER_ELEMENT[kv_cache_type]
-    return heads * int(math.ceil(per_head_token * ctx))
+    """K and V for `ctx` tokens in the first n_layers layers (default all), as llama.cpp sizes them
+    (index.layer_memory): per layer n_head_kv x (key_length + value_length) elements per token, the SWA
+    head sizes in sliding-window layers, which keep a full-size cache (llama.cpp's default swa_full);
+    recurrent layers, layers sharing another's cache and NextN blocks hold none; MLA models store their
+    latent this way too."""
+    per_element = KV_BYTES_PER_ELEMENT[kv_cache_type]
+    layers = index.layer_memory[: index.params.n_layer if n_layers is None else n_layers]
+    return sum(int(math.ceil(m.kv_k * per_element * ctx)) + int(math.ceil(m.kv_v * per_element * ctx))
+               for m in layers)
+
+
+def recurrent_state_bytes(index: ModelIndex, n_seq: int = 1) -> int:
+    """Conv + SSM state of the recurrent layers (hybrid models), F32, for n_seq sequences: llama.cpp's RS
+    buffer (llama-memory-recurrent.cpp sizes r_l/s_l from n_embd_r()/n_embd_s() x max(1, n_seq_max))."""
+    return max(1, n_seq) * sum(m.recurrent_bytes for m in index.layer_memory)
 
 
 def compute_buffer_bytes(index: ModelIndex, ctx: int, ubatch: int, flash_attention: bool) -> int:
@@ -121,6 +130,10 @@ def compute_buffer_bytes(index: ModelIndex, ctx: int, ubatch: int, flash_attenti
     return int(1.2 * (activations + attention))
 
 
+def _state_note(state: int) -> str:
+    return f", recurrent state ({state / 2**30:.2f})" if state else ""
+
+
 def _bytes_in_layer(index: ModelIndex, layer: int, classes: tuple[TensorClass, ...]) -> int:
     row = index.bytes_by_layer.get(layer, {})
     return sum(row.get(c.value, 0) for c in classes)
@@ -131,14 +144,14 @@ def _expert_pattern(layers: list[int]) -> str:
     return rf"^blk\.({'|'.join(str(i) for i in layers)}){_EXPERT_SUFFIX}"
 
 
-def _fixed_vram(index: ModelIndex, profile: Profile, ctx: int) -> tuple[int, int, int, int]:
-    """(non-expert weights, KV, compute, overhead) that VRAM must hold before any expert."""
-    c = index.bytes_by_class
+def _fixed_vram(index: ModelIndex, profile: Profile, ctx: int) -> tuple[int, int, int, int, int]:
+    """(non-expert weights, KV, recurrent state, compute, overhead) that VRAM must hold before any expert."""
+    c = index.loaded_bytes_by_class
     host = c[TensorClass.TOKEN_EMBEDDING.value] + sum(c[k.value] for k in _HOST_CLASSES)
     weights = sum(c.values()) - host
     kv = kv_cache_bytes(index, ctx, profile.kv_cache_type)
     compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
-    return weights, kv, compute, profile.gpu_overhead_bytes
+    return weights, kv, recurrent_state_bytes(index), compute, profile.gpu_overhead_bytes
 
 
 def _largest_fitting_ctx(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> int:
@@ -153,8 +166,8 @@ def _largest_fitting_ctx(index: ModelIndex, profile: Profile, budget: int, ctx: 
     return lo * 256
 
 
-def _check_fits(fixed: tuple[int, int, int, int], budget: int, index: ModelIndex, profile: Profile, ctx: int) -> None:
-    weights, kv, compute, overhead = fixed
+def _check_fits(fixed: tuple[int, ...], budget: int, index: ModelIndex, profile: Profile, ctx: int) -> None:
+    weights, kv, state, compute, overhead = fixed
     need = sum(fixed)
     if need <= budget:
         return
@@ -162,8 +175,8 @@ def _check_fits(fixed: tuple[int, int, int, int], budget: int, index: ModelIndex
     hint = f"try --ctx {fit_ctx}" if fit_ctx else "use a smaller model or quantization, or a larger budget"
     raise PlanError(
         f"needs {need / 2**30:.2f} GiB for attention+norms+routers+output ({weights / 2**30:.2f}), "
-        f"KV cache ({kv / 2**30:.2f}) at ctx {ctx}, compute ({compute / 2**30:.2f}) and GPU runtime "
-        f"({overhead / 2**30:.2f}); budget {budget / 2**30:.2f} GiB; {hint}"
+        f"KV cache ({kv / 2**30:.2f}){_state_note(state)} at ctx {ctx}, compute ({compute / 2**30:.2f}) "
+        f"and GPU runtime ({overhead / 2**30:.2f}); budget {budget / 2**30:.2f} GiB; {hint}"
     )
 
 
@@ -203,14 +216,15 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     if not index.is_moe:
         return _plan_dense(index, profile, budget, ctx)
     host_compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
-    all_bytes = sum(index.bytes_by_class.values())
+    all_bytes = sum(index.loaded_bytes_by_class.values())
     common = dict(profile=profile.name, dense=False, ctx=ctx, kv_cache_type=profile.kv_cache_type,
                   n_layer=p.n_layer, strategy=strategy)
     all_experts_on_host = (Override(_expert_pattern(list(index.moe_layers)), "CPU"),)
     if budget <= 0 or not profile.has_gpu:
         # No GPU: everything runs on the CPU, experts still zero-copy in the mmap (not repacked copies).
         return Placement(**common, vram_budget_bytes=0, n_gpu_layers=0, gpu_weight_bytes=0,
-                         kv_bytes=kv_cache_bytes(index, ctx, profile.kv_cache_type), compute_bytes=0,
+                         kv_bytes=kv_cache_bytes(index, ctx, profile.kv_cache_type),
+                         state_bytes=recurrent_state_bytes(index), compute_bytes=0,
                          overhead_bytes=0, gpu_expert_layers=(), gpu_expert_bytes=0, host_weight_bytes=all_bytes,
                          host_compute_bytes=host_compute, overrides=all_experts_on_host,
                          expert_slots=tuple((layer, 0) for layer in index.moe_layers) if strategy == "rotary" else ())
@@ -232,9 +246,10 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     gpu_expert_bytes = sum(_bytes_in_layer(index, layer, _HOST_CLASSES) for layer in gpu_layers)
     cpu_layers = [layer for layer in index.moe_layers if layer not in gpu_layers]
     overrides = (Override(_expert_pattern(cpu_layers), "CPU"),) if cpu_layers else ()
-    weights, kv, compute, overhead = fixed
+    weights, kv, state, compute, overhead = fixed
     return Placement(**common, vram_budget_bytes=budget, n_gpu_layers=p.n_layer + 1, gpu_weight_bytes=weights,
-                     kv_bytes=kv, compute_bytes=compute, overhead_bytes=overhead, gpu_expert_layers=tuple(gpu_layers),
+                     kv_bytes=kv, state_bytes=state, compute_bytes=compute, overhead_bytes=overhead,
+                     gpu_expert_layers=tuple(gpu_layers),
                      gpu_expert_bytes=gpu_expert_bytes, host_weight_bytes=all_bytes - weights - gpu_expert_bytes,
                      host_compute_bytes=host_compute if cpu_layers else 0, overrides=overrides)
 
@@ -262,7 +277,7 @@ def _read_share(slots: dict[int, int], n_expert: dict[int, int], popularity: dic
     return sum(shares) / len(shares) if shares else 0.0
 
 
-def _plan_rotary(index: ModelIndex, budget: int, fixed: tuple[int, int, int, int], common: dict[str, Any],
+def _plan_rotary(index: ModelIndex, budget: int, fixed: tuple[int, int, int, int, int], common: dict[str, Any],
                  all_bytes: int, host_compute: int, overrides: tuple[Override, ...],
                  popularity: dict[int, Any] | None) -> Placement:
     p = index.params
@@ -280,9 +295,10 @@ def _plan_rotary(index: ModelIndex, budget: int, fixed: tuple[int, int, int, int
             room -= size
     slot_bytes = sum(slots[layer] * size for layer, size in per_layer.items())
     share = _read_share(slots, n_expert, popularity)
-    weights, kv, compute, overhead = fixed
+    weights, kv, state, compute, overhead = fixed
     return Placement(**common, vram_budget_bytes=budget, n_gpu_layers=p.n_layer + 1, gpu_weight_bytes=weights,
-                     kv_bytes=kv, compute_bytes=compute, overhead_bytes=overhead, gpu_expert_layers=(),
+                     kv_bytes=kv, state_bytes=state, compute_bytes=compute, overhead_bytes=overhead,
+                     gpu_expert_layers=(),
                      gpu_expert_bytes=0, host_weight_bytes=all_bytes - weights, host_compute_bytes=host_compute,
                      overrides=overrides, expert_slots=tuple(sorted(slots.items())),
                      slot_bytes=slot_bytes + (scratch if slot_bytes else 0), device_read_share=share,
@@ -292,10 +308,10 @@ def _plan_rotary(index: ModelIndex, budget: int, fixed: tuple[int, int, int, int
 def _plan_dense(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> Placement:
     """A dense model runs with whole layers on the GPU (llama.cpp's n_gpu_layers), as many as fit."""
     p = index.params
-    all_bytes = sum(index.bytes_by_class.values())
+    all_bytes = sum(index.loaded_bytes_by_class.values())
     compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
     kv_layer = kv_cache_bytes(index, ctx, profile.kv_cache_type, n_layers=1)
-    room = budget - compute - profile.gpu_overhead_bytes - index.bytes_by_class[TensorClass.OUTPUT_HEAD.value]
+    room = budget - compute - profile.gpu_overhead_bytes - index.loaded_bytes_by_class[TensorClass.OUTPUT_HEAD.value]
     n_gpu, gpu_bytes = 0, 0
     if profile.has_gpu and budget > 0:
         for layer in range(p.n_layer):
@@ -319,7 +335,7 @@ def estimate_decode_tok_s(index: ModelIndex, placement: Placement, profile: Prof
     experts of each layer, from VRAM at the GPU's bandwidth or from RAM at the host's (profile hints)."""
     p = index.params
     host_classes = {c.value for c in _HOST_CLASSES}
-    dense_bytes = sum(n for cls, n in index.bytes_by_class.items()
+    dense_bytes = sum(n for cls, n in index.loaded_bytes_by_class.items()
                       if cls not in host_classes and cls != TensorClass.TOKEN_EMBEDDING.value)
     gpu_bytes = host_bytes = 0.0
     on_gpu = placement.vram_budget_bytes > 0

@@ -6,6 +6,7 @@ Test modules take these as fixtures; nothing imports from conftest."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -179,9 +180,63 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
         linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=32, max_position_embeddings=4096, tie_word_embeddings=False)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, num_nextn_predict_layers=0, use_qk_norm=True,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, global_head_dim=32, enable_moe_block=True, num_experts=8, top_k_experts=2,
+        moe_intermediate_size=32, sliding_window=32, vocab_size_per_layer_input=0, hidden_size_per_layer_input=0,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=4096, tie_word_embeddings=True)),
+    # Converts with llama.cpp's converter; this tiny shape does not load yet (deepseek4.cpp GGML_ASSERT on a
+    # reshape), so no test opens it in llama.cpp.
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
+        hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=64, q_lora_rank=32, o_lora_rank=32, o_groups=2, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, hc_mult=4, sliding_window=16, index_n_heads=2, index_head_dim=32, index_topk=16,
+        layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
+                     "heavily_compressed_attention", "compressed_sparse_attention"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], num_nextn_predict_layers=0,
+        max_position_embeddings=4096, tie_word_embeddings=False)),
+}
+# Keys of the released config.json that convert_hf_to_gguf.py reads but transformers' config class does not write
+# (DeepSeek-V4's converter reads the original release's names).
+FAMILY_CONFIG_JSON: dict[str, dict] = {
+    "deepseek_v4": dict(num_hash_layers=1, qk_rope_head_dim=8, compress_ratios=[128, 4, 128, 4]),
+}
+# Tensor names of the released checkpoint where transformers writes others (regex, replacement; in order):
+# DeepSeek-V4's converter reads the release's own layout.
+FAMILY_RELEASE_NAMES: dict[str, list[tuple[str, str]]] = {
+    "deepseek_v4": [(r"^model\.", ""), (r"^embed_tokens\.", "embed."), (r"^hc_head\.hc_", "hc_head_"),
+                    (r"\.attn\.norm\.", ".attn.kv_norm.")],
 }
 # Extra arguments of convert_hf_to_gguf.py per family (the release's MTP block is not in a tiny checkpoint).
 FAMILY_CONVERT_ARGS: dict[str, list[str]] = {"qwen3_5_moe_text": ["--no-mtp"]}
+
+
+def _release_layout(path: Path, model_type: str) -> None:
+    """Rewrite the checkpoint's tensors as the release stores them (names; DeepSeek-V4's routed experts as
+    MXFP4 codes and E8M0 group exponents, random like the rest)."""
+    import re
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    for pattern, replacement in FAMILY_RELEASE_NAMES[model_type]:
+        tensors = {re.sub(pattern, replacement, name): t for name, t in tensors.items()}
+    if model_type == "deepseek_v4":
+        for name in [n for n in tensors if re.search(r"\.ffn\.experts\.\d+\.w[123]\.weight$", n)]:
+            rows, cols = tensors[name].shape
+            tensors[name] = torch.randint(0, 256, (rows, cols // 2), dtype=torch.uint8)
+            tensors[name.removesuffix(".weight") + ".scale"] = torch.randint(120, 125, (rows, cols // 32),
+                                                                              dtype=torch.uint8)
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def _family_checkpoint(model_type: str, out: Path, seed: int = 0) -> Path:
@@ -198,6 +253,11 @@ def _family_checkpoint(model_type: str, out: Path, seed: int = 0) -> Path:
     config.architectures = [architecture]
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
+    if model_type in FAMILY_RELEASE_NAMES:
+        _release_layout(out / "model.safetensors", model_type)
+    if model_type in FAMILY_CONFIG_JSON:
+        config_json = out / "config.json"
+        config_json.write_text(json.dumps({**json.loads(config_json.read_text()), **FAMILY_CONFIG_JSON[model_type]}))
     tokenizer = out / "_tokenizer"
     write_hf_checkpoint(tokenizer, "qwen3_moe", dtype="f32")
     for f in tokenizer.iterdir():
