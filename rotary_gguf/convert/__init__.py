@@ -32,8 +32,8 @@ Q = gguf.GGMLQuantizationType
 DIRECT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-# Router weights stay F32 (convert_hf_to_gguf.py, llama_model_quantize).
-_ALWAYS_F32 = re.compile(r"blk\.\d+\.ffn_gate_inp(_shexp)?\.weight")
+# Router weights and SSM convolutions stay F32 (convert_hf_to_gguf.py, llama_model_quantize).
+_ALWAYS_F32 = re.compile(r"blk\.\d+\.(ffn_gate_inp(_shexp)?|ssm_conv1d)\.weight")
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,14 @@ class OutTensor:
     stacked: bool
     qtype: gguf.GGMLQuantizationType
     derived: Derived | None = None  # a fused checkpoint tensor's part, made expert by expert
+    reshaped: tuple[int, ...] | None = None  # the shape a module's transform gives (a squeezed conv kernel)
 
     @property
     def shape(self) -> tuple[int, ...]:
         if self.derived is not None:
             return self.derived.shape
+        if self.reshaped is not None:
+            return self.reshaped
         first = self.sources[0].shape
         return (len(self.sources), *first) if self.stacked else first
 
@@ -72,15 +75,24 @@ def _qtype(name: str, shape: tuple[int, ...], target: gguf.GGMLQuantizationType)
     return target if shape[-1] % block == 0 else Q.F16
 
 
+def block_count(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTensor]) -> int:
+    """GGUF blocks: the checkpoint's layers, plus any MTP/NextN blocks the module finds in it."""
+    extra = getattr(module, "extra_blocks", None)
+    return int(cfg.require("num_hidden_layers")) + (extra(cfg, tensors) if extra else 0)
+
+
 def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTensor],
-                 target: gguf.GGMLQuantizationType) -> list[OutTensor]:
-    """Every GGUF tensor, in checkpoint order; an error names any checkpoint tensor left unconverted."""
-    n_layer = int(cfg.require("num_hidden_layers"))
+                 target: gguf.GGMLQuantizationType, n_block: int | None = None) -> list[OutTensor]:
+    """Every GGUF tensor, in checkpoint order; an error names any checkpoint tensor left unconverted.
+    A module's rename(name, cfg) gives the name gguf-py's table knows, or None for a tensor that is not
+    part of the text model (a vision tower); reshape(name, shape, cfg) the shape its transform gives."""
+    n_layer = block_count(cfg, module, tensors) if n_block is None else n_block
     names = gguf.get_tensor_name_map(module.ARCH, n_layer)
     experts: dict[tuple[int, str], dict[int, StoredTensor]] = defaultdict(dict)
     pattern = re.compile(module.EXPERT)
     out, left = [], []
-    derive = getattr(module, "derive", None)
+    derive, rename = getattr(module, "derive", None), getattr(module, "rename", None)
+    reshape = getattr(module, "reshape", None)
     for name, t in tensors.items():
         for part_name, shape, expert in (derive(name, t, cfg) if derive else None) or ():
             new = names.get_name(part_name, try_suffixes=(".weight", ".bias"))
@@ -89,15 +101,21 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
             out.append(OutTensor(new, (t,), True, _qtype(new, shape, target), Derived(shape, expert)))
         if derive and derive(name, t, cfg):
             continue
-        if (m := pattern.fullmatch(name)) is not None:
+        known = rename(name, cfg) if rename else name
+        if known is None:
+            continue
+        if (m := pattern.fullmatch(known)) is not None:
             experts[(int(m.group(1)), m.group(3))][int(m.group(2))] = t
             continue
-        rename = getattr(module, "rename", None)
-        new = names.get_name(rename(name) if rename else name, try_suffixes=(".weight", ".bias"))
+        new = names.get_name(known, try_suffixes=(".weight", ".bias"))
+        if new is None and (own := getattr(module, "gguf_name", None)) is not None:
+            new = own(known)  # a name this gguf-py's table lacks for the architecture
         if new is None:
             left.append(name)
             continue
-        out.append(OutTensor(new, (t,), False, _qtype(new, t.shape, target)))
+        shape = reshape(name, t.shape, cfg) if reshape else t.shape
+        reshaped = shape if shape != t.shape else None
+        out.append(OutTensor(new, (t,), False, _qtype(new, shape, target), reshaped=reshaped))
     n_expert = cfg.n_expert
     ff, hidden = int(cfg.require("moe_intermediate_size", "intermediate_size")), int(cfg.require("hidden_size"))
     for layer in range(n_layer):
@@ -173,12 +191,13 @@ def _data(t: OutTensor, cfg: HFConfig, module: ModuleType, pool: ThreadPoolExecu
 
 
 def _parameters(cfg: HFConfig, module: ModuleType, writer: gguf.GGUFWriter, file_type: gguf.LlamaFileType,
-                name: str) -> None:
+                name: str, n_block: int) -> None:
     writer.add_name(name)
-    writer.add_block_count(int(cfg.require("num_hidden_layers")))
+    writer.add_block_count(n_block)
     writer.add_context_length(int(cfg.get("max_position_embeddings", default=4096)))
     writer.add_embedding_length(int(cfg.require("hidden_size")))
-    writer.add_feed_forward_length(int(cfg.require("intermediate_size")))
+    if (n_ff := cfg.get("intermediate_size")) is not None or not getattr(module, "NO_DENSE_FFN", False):
+        writer.add_feed_forward_length(int(cfg.require("intermediate_size") if n_ff is None else n_ff))
     writer.add_head_count(int(cfg.require("num_attention_heads")))
     writer.add_head_count_kv(int(cfg.get("num_key_value_heads", "num_attention_heads")))
     writer.add_rope_freq_base(cfg.rope_theta)
@@ -188,6 +207,8 @@ def _parameters(cfg: HFConfig, module: ModuleType, writer: gguf.GGUFWriter, file
     writer.add_vocab_size(int(cfg.require("vocab_size")))
     writer.add_file_type(file_type)
     module.parameters(cfg, writer)
+    if (per_block := getattr(module, "block_parameters", None)) is not None:
+        per_block(cfg, writer, n_block)
 
 
 def write_gguf(folder: Path, out: Path, type_name: str, progress: Callable[[int, int], None] | None = None) -> None:
@@ -195,10 +216,11 @@ def write_gguf(folder: Path, out: Path, type_name: str, progress: Callable[[int,
     cfg = load_config(folder)
     module = model_module(cfg.model_type)
     tensors = list_tensors(folder)
-    plan = plan_tensors(cfg, module, tensors, DIRECT_TYPES[type_name])
+    n_block = block_count(cfg, module, tensors)
+    plan = plan_tensors(cfg, module, tensors, DIRECT_TYPES[type_name], n_block)
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[module.ARCH])
     try:
-        _parameters(cfg, module, writer, _FILE_TYPES[type_name], folder.resolve().name)
+        _parameters(cfg, module, writer, _FILE_TYPES[type_name], folder.resolve().name, n_block)
         add_vocab(writer, folder, int(cfg.require("vocab_size")))
         for t in plan:
             if t.qtype in (Q.F32, Q.F16):

@@ -23,7 +23,8 @@ class ConvertError(RotaryError):
 @dataclass(frozen=True)
 class HFConfig:
     """config.json with transformers 5.x names folded onto 4.x ones (num_local_experts -> num_experts,
-    rope_parameters.rope_theta -> rope_theta, dtype -> torch_dtype)."""
+    rope_parameters.rope_theta -> rope_theta, dtype -> torch_dtype); a multimodal config's text_config keys
+    override the top level (as convert_hf_to_gguf.py reads them), model_type stays the top level's."""
 
     raw: dict[str, Any]
     model_type: str
@@ -64,6 +65,8 @@ def load_config(folder: Path) -> HFConfig:
         raise ConvertError(f"{path}: unreadable config: {exc}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise ConvertError(f"{path}: no model_type")
+    if isinstance(raw.get("text_config"), dict):  # a multimodal release: its text model's keys at the top
+        return HFConfig({**raw, **raw["text_config"]}, raw["model_type"])
     return HFConfig(raw, raw["model_type"])
 
 

@@ -8,7 +8,9 @@ from types import ModuleType
 
 from rotary_gguf.convert.checkpoint import ConvertError
 
-SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
+SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe")
+# Other model_type names of a supported family (a text-only checkpoint of a multimodal release).
+ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe"}
 # Dense relatives, named in the error so that a user sees why their checkpoint is refused.
 _DENSE = ("llama", "qwen2", "qwen3", "mistral", "olmo", "olmo2", "gemma", "gemma2", "gemma3", "phi3")
 
@@ -17,6 +19,7 @@ def model_module(model_type: str) -> ModuleType:
     if model_type in _DENSE:
         raise ConvertError(f"model_type {model_type!r} is a dense model; rotary converts Mixture-of-Experts "
                            f"checkpoints: {', '.join(SUPPORTED)}")
-    if model_type not in SUPPORTED:
+    family = ALIASES.get(model_type, model_type)
+    if family not in SUPPORTED:
         raise ConvertError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED)}")
-    return importlib.import_module(f"rotary_gguf.convert.models.{model_type}")
+    return importlib.import_module(f"rotary_gguf.convert.models.{family}")

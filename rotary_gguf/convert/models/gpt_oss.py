@@ -42,7 +42,7 @@ def _part(t: StoredTensor, take: Callable[[np.ndarray], np.ndarray]) -> Callable
     return lambda e: np.ascontiguousarray(take(read_tensor(t, slice(e, e + 1))[0]))
 
 
-def rename(name: str) -> str:
+def rename(name: str, cfg: HFConfig) -> str:
     """Checkpoint names that gguf-py's table knows under another form."""
     return name + ".weight" if name.endswith("self_attn.sinks") else name
 

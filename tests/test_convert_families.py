@@ -1,0 +1,166 @@
+"""`rotary convert` on the newer MoE families (qwen3_5_moe, ...) against the real references: transformers'
+logits for the same checkpoint, and llama.cpp's own convert_hf_to_gguf.py tensor for tensor."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+
+from rotary_gguf.cli import main
+from rotary_gguf.convert import convert
+from rotary_gguf.gguf import open_index
+
+IDS = list(range(10, 42))
+REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "reference_convert.py"
+# model_type of a conftest family checkpoint -> convert_hf_to_gguf.py's extra arguments for it.
+FAMILIES = {"qwen3_5_moe_text": ["--no-mtp"]}
+# Checkpoints whose logits transformers' AutoModelForCausalLM does not build (the multimodal release).
+MODEL_CLASSES = {"qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module")
+def reference_converter() -> Path:
+    from rotary_gguf.plugin_build import llama_cpp_converter
+
+    return llama_cpp_converter()
+
+
+def _copy_tokenizer(source: Path, folder: Path) -> None:
+    for f in source.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            shutil.copy(f, folder / f.name)
+
+
+def _fuse_experts(state: dict, prefix: str, n_expert: int) -> None:
+    """Per-expert gate/up/down tensors under prefix as the fused [experts, 2 x ff, hidden] gate_up_proj and
+    [experts, hidden, ff] down_proj that transformers 5 keeps in memory (and some releases store)."""
+    import torch
+
+    def take(proj: str) -> list:
+        return [state.pop(f"{prefix}.{e}.{proj}.weight") for e in range(n_expert)]
+
+    gate, up, down = take("gate_proj"), take("up_proj"), take("down_proj")
+    state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up, strict=True)])
+    state[f"{prefix}.down_proj"] = torch.stack(down)
+
+
+@pytest.fixture(scope="module")
+def qwen35_release(tmp_path_factory, family_checkpoints) -> Path:
+    """The released Qwen3.5/3.6 MoE layout, tiny and bf16: Qwen3_5MoeForConditionalGeneration (text weights
+    under model.language_model, a vision tower), interleaved M-RoPE sections, an MTP block (mtp.*: fc,
+    pre-fc norms, one full-attention MoE layer) as the release has and transformers does not run, and the
+    experts of layers 0-1 and the MTP layer stored fused."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text_folder = family_checkpoints("qwen3_5_moe_text")
+    text = json.loads((text_folder / "config.json").read_text())
+    text = {k: v for k, v in text.items() if k not in ("architectures", "model_type", "dtype", "transformers_version")}
+    text["rope_parameters"] = dict(rope_type="default", rope_theta=1e6, partial_rotary_factor=0.25,
+                                   mrope_section=[2, 1, 1], mrope_interleaved=True)
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
+                  num_position_embeddings=16)
+    config = transformers.Qwen3_5MoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    config.architectures = ["Qwen3_5MoeForConditionalGeneration"]
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("qwen35") / "release"
+    transformers.Qwen3_5MoeForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    lm = "model.language_model.layers"
+    for name in [n for n in state if n.startswith(f"{lm}.3.")]:
+        state[name.replace(f"{lm}.3.", "mtp.layers.0.")] = state[name] + 0.01 * torch.randn_like(state[name])
+    hidden = text["hidden_size"]
+    state["mtp.fc.weight"] = (0.05 * torch.randn(hidden, 2 * hidden)).to(torch.bfloat16)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        state[f"mtp.{norm}.weight"] = (0.1 * torch.randn(hidden)).to(torch.bfloat16)
+    for prefix in (f"{lm}.0.mlp.experts", f"{lm}.1.mlp.experts", "mtp.layers.0.mlp.experts"):
+        _fuse_experts(state, prefix, text["num_experts"])
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    saved = json.loads((folder / "config.json").read_text())
+    saved["text_config"]["mtp_num_hidden_layers"] = 1
+    (folder / "config.json").write_text(json.dumps(saved, indent=2))
+    _copy_tokenizer(text_folder, folder)
+    return folder
+
+
+def _checkpoint(name: str, family_checkpoints: Callable[[str], Path], qwen35_release: Path | None = None) -> Path:
+    return qwen35_release if name == "qwen3_5_moe" else family_checkpoints(name)
+
+
+def _llama_logits(stock_engine, path: Path) -> np.ndarray:
+    with stock_engine(path, ctx=256, threads=2, kv_cache_type="f32", flash_attention=False, batch=512) as engine:
+        engine.complete(IDS, 0)
+        return engine.logits()
+
+
+def _transformers_logits(folder: Path, model_type: str) -> np.ndarray:
+    import torch
+    import transformers
+
+    model_class = getattr(transformers, MODEL_CLASSES.get(model_type, "AutoModelForCausalLM"))
+    model = model_class.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([IDS])).logits[0, -1].numpy()
+
+
+def _reference(reference_converter: Path, folder: Path, qtype: str, out: Path, extra: list[str]) -> Path:
+    done = subprocess.run([sys.executable, str(REFERENCE), str(reference_converter), str(folder), "--outtype", qtype,
+                           "--outfile", str(out), *extra], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def _assert_same_tensors(ours: Path, reference: Path) -> None:
+    theirs = {t.name: t for t in GGUFReader(reference).tensors}
+    mine = {t.name: t for t in GGUFReader(ours).tensors}
+    assert set(mine) == set(theirs)
+    for name, t in theirs.items():
+        assert (mine[name].tensor_type, list(mine[name].shape)) == (t.tensor_type, list(t.shape)), name
+        assert np.array_equal(np.asarray(mine[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_5_moe"])
+def test_f32_logits_match_transformers(family_checkpoints, qwen35_release, stock_engine, tmp_path, family):
+    folder = _checkpoint(family, family_checkpoints, qwen35_release)
+    out = convert(folder, tmp_path / "model.gguf", "f32")
+    assert np.abs(_llama_logits(stock_engine, out) - _transformers_logits(folder, family)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_5_moe"])
+def test_tensors_equal_llama_cpp_converter(family_checkpoints, qwen35_release, reference_converter, tmp_path,
+                                           family, qtype):
+    """The multimodal release is converted by llama.cpp with its defaults (MTP block kept as NextN)."""
+    folder = _checkpoint(family, family_checkpoints, qwen35_release)
+    ref = _reference(reference_converter, folder, qtype, tmp_path / "reference.gguf", FAMILIES.get(family, []))
+    _assert_same_tensors(convert(folder, tmp_path / "ours.gguf", qtype), ref)
+
+
+def test_qwen35_release_text_model_and_mtp_block(qwen35_release, tmp_path, caplog):
+    caplog.set_level("INFO")
+    out = convert(qwen35_release, tmp_path / "out.gguf", "q8_0")
+    assert caplog.text.count("skipping 21 vision tower tensors") == 1
+    index = open_index(out)
+    assert index.metadata["qwen35moe.block_count"] == 5 and index.metadata["qwen35moe.nextn_predict_layers"] == 1
+    assert list(index.metadata["qwen35moe.rope.dimension_sections"]) == [2, 1, 1, 0]
+    assert not any(t.name.startswith(("v.", "mm.")) for t in index.tensors)
+
+
+def test_qwen35_bad_layer_types_is_one_line(family_checkpoints, tmp_path):
+    folder = Path(shutil.copytree(family_checkpoints("qwen3_5_moe_text"), tmp_path / "hf"))
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_types"] = config["layer_types"][:3]
+    (folder / "config.json").write_text(json.dumps(config))
+    out = CliRunner().invoke(main, ["convert", str(folder), "-o", str(tmp_path / "out.gguf")])
+    assert out.exit_code == 2 and "layer_types has 3 entries; num_hidden_layers is 4" in out.stderr
+    assert out.stderr.count("\n") == 1 and not list(tmp_path.glob("out.gguf*"))
