@@ -22,7 +22,7 @@ from rotary_gguf.gguf import open_index
 IDS = list(range(10, 42))
 REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "reference_convert.py"
 # model_type of a conftest family checkpoint -> convert_hf_to_gguf.py's extra arguments for it.
-FAMILIES = {"qwen3_5_moe_text": ["--no-mtp"]}
+FAMILIES = {"qwen3_5_moe_text": ["--no-mtp"], "glm4_moe": []}
 # Checkpoints whose logits transformers' AutoModelForCausalLM does not build (the multimodal release).
 MODEL_CLASSES = {"qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 

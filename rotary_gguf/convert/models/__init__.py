@@ -8,7 +8,7 @@ from types import ModuleType
 
 from rotary_gguf.convert.checkpoint import ConvertError
 
-SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe")
+SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_moe", "glm4_moe")
 # Other model_type names of a supported family (a text-only checkpoint of a multimodal release).
 ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe"}
 # Dense relatives, named in the error so that a user sees why their checkpoint is refused.
