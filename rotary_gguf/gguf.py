@@ -238,9 +238,10 @@ class ModelIndex:
     def stacked_expert_weights(self) -> tuple[TensorEntry, ...]:
         """The 3-D routed-expert weights ([ne0, ne1, n_expert]: gate, up, down or fused gate_up per layer),
         the tensors whose experts llama.cpp multiplies with MUL_MAT_ID; biases and the old
-        one-tensor-per-expert layout are left out."""
+        one-tensor-per-expert layout are left out, and so are NextN blocks (llama.cpp does not load them)."""
+        nextn = set(self.nextn_layers)
         return tuple(t for t in self.tensors if t.cls is TensorClass.ROUTED_EXPERT and len(t.shape) == 3
-                     and t.name.endswith(".weight"))
+                     and t.name.endswith(".weight") and t.layer not in nextn)
 
     def slot_bytes(self, layer: int) -> int:
         """Bytes of one expert of this layer in the stacked weights: what one rotary VRAM slot holds."""

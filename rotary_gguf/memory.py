@@ -3,8 +3,9 @@ rules (src/llama-model.cpp create_memory, src/llama-hparams.cpp, src/llama-memor
 
 - a KV cache in attention layers: n_head_kv(il) x (n_embd_head_k(il) + n_embd_head_v(il)) per token;
   sliding-window layers use the `*_swa` head sizes and keep a full-size cache (llama.cpp's default
-  `swa_full`, which the runtime keeps); layers that reuse another layer's cache (gemma4's
-  shared_kv_layers) hold none;
+  `swa_full`, which the runtime keeps); without flash attention V is stored transposed and, when its
+  size varies across layers, every layer's V is padded to the largest (llama-kv-cache.cpp
+  TAG_V_CACHE_VARIABLE); layers that reuse another layer's cache (gemma4's shared_kv_layers) hold none;
 - recurrent state in recurrent layers of hybrid models (`attention.recurrent_layers`, else
   `(il + 1) % full_attention_interval != 0`): F32 conv state n_embd_r = (d_conv - 1) x
   (d_inner + 2 x n_group x d_state) and SSM state n_embd_s = d_state x d_inner per sequence;
@@ -26,12 +27,14 @@ class LayerMemory:
     layer: int
     kv_k: int  # K elements per token (0: no KV cache in this layer)
     kv_v: int  # V elements per token
+    kv_v_transposed: int = 0  # V elements per token without flash attention (padded to the largest layer's)
     swa_window: int = 0  # sliding-window layer: its window (0: full attention)
     recurrent_bytes: int = 0  # conv + SSM state of one sequence (F32)
     nextn: bool = False  # MTP/NextN block: loaded by llama.cpp, not run in normal decoding
 
     def to_json(self) -> dict[str, Any]:
-        return {"layer": self.layer, "kv_k": self.kv_k, "kv_v": self.kv_v, "swa_window": self.swa_window,
+        return {"layer": self.layer, "kv_k": self.kv_k, "kv_v": self.kv_v, "kv_v_transposed": self.kv_v_transposed,
+                "swa_window": self.swa_window,
                 "recurrent_bytes": self.recurrent_bytes, "nextn": self.nextn}
 
 
@@ -88,6 +91,7 @@ def layer_memory(meta: dict[str, Any], arch: str, n_layer: int, n_head: int, n_e
     n_nextn = int(meta.get(f"{arch}.nextn_predict_layers", 0) or 0)
     # gemma4/gemma3n: the last shared_kv_layers layers read the cache of an earlier layer
     n_kv_from_start = n_layer - n_nextn - int(meta.get(f"{arch}.attention.shared_kv_layers", 0) or 0)
+    v_max = max((n_head_kv[il] * (value_swa if swa[il] else value) for il in range(n_layer)), default=0)
     layers = []
     for il in range(n_layer):
         nextn = il >= n_layer - n_nextn
@@ -95,6 +99,7 @@ def layer_memory(meta: dict[str, Any], arch: str, n_layer: int, n_head: int, n_e
         k, v = (key_swa, value_swa) if swa[il] else (key, value)
         layers.append(LayerMemory(
             layer=il, kv_k=n_head_kv[il] * k if has_kv else 0, kv_v=n_head_kv[il] * v if has_kv else 0,
+            kv_v_transposed=v_max if has_kv and n_head_kv[il] else 0,
             swa_window=window if swa[il] else 0, recurrent_bytes=state if recurrent[il] and not nextn else 0,
             nextn=nextn))
     return tuple(layers)

@@ -100,15 +100,17 @@ class Placement:
         }
 
 
-def kv_cache_bytes(index: ModelIndex, ctx: int, kv_cache_type: str, n_layers: int | None = None) -> int:
+def kv_cache_bytes(index: ModelIndex, ctx: int, kv_cache_type: str, n_layers: int | None = None, *,
+                   flash_attention: bool = True) -> int:
     """K and V for `ctx` tokens in the first n_layers layers (default all), as llama.cpp sizes them
     (index.layer_memory): per layer n_head_kv x (key_length + value_length) elements per token, the SWA
     head sizes in sliding-window layers, which keep a full-size cache (llama.cpp's default swa_full);
     recurrent layers, layers sharing another's cache and NextN blocks hold none; MLA models store their
-    latent this way too."""
+    latent this way too. Without flash attention V rows are padded to the widest layer's."""
     per_element = KV_BYTES_PER_ELEMENT[kv_cache_type]
     layers = index.layer_memory[: index.params.n_layer if n_layers is None else n_layers]
-    return sum(int(math.ceil(m.kv_k * per_element * ctx)) + int(math.ceil(m.kv_v * per_element * ctx))
+    return sum(int(math.ceil(m.kv_k * per_element * ctx))
+               + int(math.ceil((m.kv_v if flash_attention else m.kv_v_transposed) * per_element * ctx))
                for m in layers)
 
 
@@ -149,7 +151,7 @@ def _fixed_vram(index: ModelIndex, profile: Profile, ctx: int) -> tuple[int, int
     c = index.loaded_bytes_by_class
     host = c[TensorClass.TOKEN_EMBEDDING.value] + sum(c[k.value] for k in _HOST_CLASSES)
     weights = sum(c.values()) - host
-    kv = kv_cache_bytes(index, ctx, profile.kv_cache_type)
+    kv = kv_cache_bytes(index, ctx, profile.kv_cache_type, flash_attention=profile.flash_attention)
     compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
     return weights, kv, recurrent_state_bytes(index), compute, profile.gpu_overhead_bytes
 
@@ -223,7 +225,8 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     if budget <= 0 or not profile.has_gpu:
         # No GPU: everything runs on the CPU, experts still zero-copy in the mmap (not repacked copies).
         return Placement(**common, vram_budget_bytes=0, n_gpu_layers=0, gpu_weight_bytes=0,
-                         kv_bytes=kv_cache_bytes(index, ctx, profile.kv_cache_type),
+                         kv_bytes=kv_cache_bytes(index, ctx, profile.kv_cache_type,
+                                                 flash_attention=profile.flash_attention),
                          state_bytes=recurrent_state_bytes(index), compute_bytes=0,
                          overhead_bytes=0, gpu_expert_layers=(), gpu_expert_bytes=0, host_weight_bytes=all_bytes,
                          host_compute_bytes=host_compute, overrides=all_experts_on_host,

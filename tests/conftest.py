@@ -192,6 +192,20 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         moe_intermediate_size=32, sliding_window=32, vocab_size_per_layer_input=0, hidden_size_per_layer_input=0,
         layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
         max_position_embeddings=4096, tie_word_embeddings=True)),
+    # glm4_moe with one NextN/MTP block after its 3 layers (written by transformers as a 4th layer; the
+    # converter's names for the NextN projections and norms are added by _release_layout)
+    "glm4_moe-nextn": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=1, topk_group=1, use_qk_norm=True, max_position_embeddings=4096,
+        tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                                        partial_rotary_factor=0.5))),
+    # qwen3_5_moe_text with a recurrent state large enough (0.41 MiB) to compare with llama.cpp's log to 1%
+    "qwen3_5_moe_text-wide-state": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
+        linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=32, max_position_embeddings=4096, tie_word_embeddings=False)),
     # Converts with llama.cpp's converter; this tiny shape does not load yet (deepseek4.cpp GGML_ASSERT on a
     # reshape), so no test opens it in llama.cpp.
     "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
@@ -207,6 +221,7 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
 # Keys of the released config.json that convert_hf_to_gguf.py reads but transformers' config class does not write
 # (DeepSeek-V4's converter reads the original release's names).
 FAMILY_CONFIG_JSON: dict[str, dict] = {
+    "glm4_moe-nextn": dict(num_hidden_layers=3, num_nextn_predict_layers=1),
     "deepseek_v4": dict(num_hash_layers=1, qk_rope_head_dim=8, compress_ratios=[128, 4, 128, 4]),
 }
 # Tensor names of the released checkpoint where transformers writes others (regex, replacement; in order):
@@ -216,7 +231,8 @@ FAMILY_RELEASE_NAMES: dict[str, list[tuple[str, str]]] = {
                     (r"\.attn\.norm\.", ".attn.kv_norm.")],
 }
 # Extra arguments of convert_hf_to_gguf.py per family (the release's MTP block is not in a tiny checkpoint).
-FAMILY_CONVERT_ARGS: dict[str, list[str]] = {"qwen3_5_moe_text": ["--no-mtp"]}
+FAMILY_CONVERT_ARGS: dict[str, list[str]] = {
+    "qwen3_5_moe_text": ["--no-mtp"], "qwen3_5_moe_text-wide-state": ["--no-mtp"]}
 
 
 def _release_layout(path: Path, model_type: str) -> None:
@@ -228,8 +244,14 @@ def _release_layout(path: Path, model_type: str) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path)
-    for pattern, replacement in FAMILY_RELEASE_NAMES[model_type]:
+    for pattern, replacement in FAMILY_RELEASE_NAMES.get(model_type, []):
         tensors = {re.sub(pattern, replacement, name): t for name, t in tensors.items()}
+    if model_type == "glm4_moe-nextn":
+        # the 4th layer becomes the NextN block: its own projection of [embedding, hidden] and norms
+        n_embd = tensors["model.embed_tokens.weight"].shape[1]
+        tensors["model.layers.3.eh_proj.weight"] = torch.randn(n_embd, 2 * n_embd) * 0.02
+        for norm in ("enorm", "hnorm", "shared_head.norm"):
+            tensors[f"model.layers.3.{norm}.weight"] = torch.ones(n_embd)
     if model_type == "deepseek_v4":
         for name in [n for n in tensors if re.search(r"\.ffn\.experts\.\d+\.w[123]\.weight$", n)]:
             rows, cols = tensors[name].shape
@@ -253,7 +275,7 @@ def _family_checkpoint(model_type: str, out: Path, seed: int = 0) -> Path:
     config.architectures = [architecture]
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
-    if model_type in FAMILY_RELEASE_NAMES:
+    if model_type in FAMILY_RELEASE_NAMES or model_type == "glm4_moe-nextn":
         _release_layout(out / "model.safetensors", model_type)
     if model_type in FAMILY_CONFIG_JSON:
         config_json = out / "config.json"
