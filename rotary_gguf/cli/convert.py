@@ -18,8 +18,8 @@ from rotary_gguf.cli import LazyBar, main
               help="Also calibrate routing (PROMPTS: a prompt file, or 'builtin') and write a rotary-aware GGUF.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 def convert(hf_dir: Path, output: Path, type_name: str, prompts: str | None, force: bool) -> None:
-    """Convert the HF checkpoint in HF_DIR (qwen3_moe, qwen2_moe, mixtral, olmoe, gpt_oss, qwen3_5_moe, glm4_moe)
-    to GGUF, without torch."""
+    """Convert the HF checkpoint in HF_DIR (qwen3_moe, qwen2_moe, mixtral, olmoe, gpt_oss, qwen3_5_moe, glm4_moe,
+    gemma4) to GGUF, without torch."""
     from rotary_gguf.convert import ConvertError
     from rotary_gguf.convert import convert as run
 

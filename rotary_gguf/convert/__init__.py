@@ -46,9 +46,12 @@ class OutTensor:
     qtype: gguf.GGMLQuantizationType
     derived: Derived | None = None  # a fused checkpoint tensor's part, made expert by expert
     reshaped: tuple[int, ...] | None = None  # the shape a module's transform gives (a squeezed conv kernel)
+    generated: np.ndarray | None = None  # a tensor the module computes from the config (gemma4's rope_freqs)
 
     @property
     def shape(self) -> tuple[int, ...]:
+        if self.generated is not None:
+            return self.generated.shape
         if self.derived is not None:
             return self.derived.shape
         if self.reshaped is not None:
@@ -132,6 +135,8 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
             stacked = [group[e] for e in range(n_expert)]
             new = names.get_name(module.STACKED.format(layer=layer, proj=proj), try_suffixes=(".weight",))
             out.append(OutTensor(new, tuple(stacked), True, _qtype(new, (n_expert, *stacked[0].shape), target)))
+    for new, array in getattr(module, "generate", lambda cfg: [])(cfg):
+        out.append(OutTensor(new, (), False, _qtype(new, array.shape, target), generated=array))
     left += [f"layer {layer} {proj} experts" for layer, proj in experts]
     if left:
         raise ConvertError(f"{len(left)} checkpoint tensors not converted (unknown names for {cfg.model_type}): "
@@ -161,6 +166,8 @@ def _pieces(t: OutTensor) -> list[tuple[StoredTensor, slice | int]]:
 def _data(t: OutTensor, cfg: HFConfig, module: ModuleType, pool: ThreadPoolExecutor) -> np.ndarray:
     """The tensor in its output type, converted piece by piece on a thread pool (numpy releases the GIL
     while it casts) into one preallocated array."""
+    if t.generated is not None:
+        return gguf.quants.quantize(t.generated, t.qtype)
     transform = getattr(module, "transform", None)
     if transform is not None and not t.stacked:  # a rewrite of the whole tensor (q/k permutation)
         return gguf.quants.quantize(transform(t.sources[0].name, read_tensor(t.sources[0]), cfg), t.qtype)
@@ -203,7 +210,7 @@ def _parameters(cfg: HFConfig, module: ModuleType, writer: gguf.GGUFWriter, file
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", default=1e-6)))
     writer.add_expert_count(cfg.n_expert)
-    writer.add_expert_used_count(int(cfg.require("num_experts_per_tok")))
+    writer.add_expert_used_count(int(cfg.require("num_experts_per_tok", "top_k_experts")))
     writer.add_vocab_size(int(cfg.require("vocab_size")))
     writer.add_file_type(file_type)
     module.parameters(cfg, writer)
@@ -215,6 +222,8 @@ def write_gguf(folder: Path, out: Path, type_name: str, progress: Callable[[int,
     """Write the checkpoint as a GGUF of a DIRECT_TYPES type to `out` (no temp handling here)."""
     cfg = load_config(folder)
     module = model_module(cfg.model_type)
+    if (validate := getattr(module, "validate", None)) is not None:
+        validate(cfg)
     tensors = list_tensors(folder)
     n_block = block_count(cfg, module, tensors)
     plan = plan_tensors(cfg, module, tensors, DIRECT_TYPES[type_name], n_block)

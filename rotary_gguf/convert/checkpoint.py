@@ -48,6 +48,7 @@ class HFConfig:
     @property
     def rope_theta(self) -> float:
         rope = self.raw.get("rope_parameters") or {}
+        rope = rope.get("full_attention", rope)  # per layer type (gemma4): the full-attention layers' base
         return float(self.get("rope_theta", default=rope.get("rope_theta", 10000.0)))
 
     @property
