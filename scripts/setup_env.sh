@@ -139,6 +139,22 @@ install_cpu_llama() {  # back to the CPU build when .venv has a CUDA one (ROTARY
     fi
 }
 
+install_chromium() {  # headless Chromium for tests/test_server_browser.py, from Debian's packages (as root)
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        return 0
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+        echo "no chromium and chromedriver: tests/test_server_browser.py will skip (as root, with apt-get, this" \
+             "script installs them)" >&2
+        return 0
+    fi
+    echo "installing chromium and chromium-driver with apt-get (for tests/test_server_browser.py)" >&2
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+            >/dev/null; }; then
+        echo "apt-get could not install chromium: tests/test_server_browser.py will skip" >&2
+    fi
+}
+
 choose_build
 if [ "${1:-}" = "--which-build" ]; then
     echo "llama-cpp-python: $BUILD build ($WHY)${ARCH:+; architectures $ARCH ($ARCH_WHY)}" >&2
@@ -167,3 +183,4 @@ echo "installing rotary-gguf into .venv (a CPU llama-cpp-python builds from sour
 .venv/bin/python -m pip install --quiet -e '.[test]'
 echo "building the rotary scheduler plugin (native/) against the installed llama.cpp" >&2
 .venv/bin/rotary plugin build
+install_chromium
