@@ -113,11 +113,40 @@ def _transformers_logits(folder: Path, model_type: str) -> np.ndarray:
         return model(torch.tensor([IDS])).logits[0, -1].numpy()
 
 
-def _reference(reference_converter: Path, folder: Path, qtype: str, out: Path, extra: list[str]) -> Path:
-    done = subprocess.run([sys.executable, str(REFERENCE), str(reference_converter), str(folder), "--outtype", qtype,
-                           "--outfile", str(out), *extra], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
+# Runs scripts/reference_convert.py once per "qtype,outfile[,extra...]" argument in one process (torch and the
+# converter are imported once per checkpoint, not once per output type).
+_REFERENCE_RUNS = """
+import runpy, sys
+script, root, folder = sys.argv[1:4]
+for spec in sys.argv[4:]:
+    qtype, out, *extra = spec.split(",")
+    sys.argv = [script, root, folder, "--outtype", qtype, "--outfile", out, *extra]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code:
+            raise
+"""
+QTYPES = ("f16", "q8_0")
+
+
+@pytest.fixture(scope="module")
+def references(reference_converter, family_checkpoints, qwen35_release,
+               tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """(family, qtype) -> the checkpoint converted by llama.cpp's convert_hf_to_gguf.py; the families convert
+    in parallel processes. The multimodal release is converted with llama.cpp's defaults (MTP kept)."""
+    folder = tmp_path_factory.mktemp("references")
+    outs = {(family, q): folder / f"{family}-{q}.gguf" for family in [*FAMILIES, "qwen3_5_moe"] for q in QTYPES}
+    runs = {}
+    for family in [*FAMILIES, "qwen3_5_moe"]:
+        specs = [",".join([q, str(outs[(family, q)]), *FAMILIES.get(family, [])]) for q in QTYPES]
+        command = [sys.executable, "-c", _REFERENCE_RUNS, str(REFERENCE), str(reference_converter),
+                   str(_checkpoint(family, family_checkpoints, qwen35_release)), *specs]
+        runs[family] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for family, run in runs.items():
+        _, err = run.communicate()
+        assert run.returncode == 0, f"{family}: {err[-2000:]}"
+    return outs
 
 
 def _assert_same_tensors(ours: Path, reference: Path) -> None:
@@ -169,14 +198,11 @@ def test_gemma4_f32_logits_match_transformers_to_llama_cpp_fp16_gelu(family_chec
     assert np.abs(llama - exact).max() <= 1e-3
 
 
-@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+@pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("family", [*FAMILIES, "qwen3_5_moe"])
-def test_tensors_equal_llama_cpp_converter(family_checkpoints, qwen35_release, reference_converter, tmp_path,
-                                           family, qtype):
-    """The multimodal release is converted by llama.cpp with its defaults (MTP block kept as NextN)."""
+def test_tensors_equal_llama_cpp_converter(family_checkpoints, qwen35_release, references, tmp_path, family, qtype):
     folder = _checkpoint(family, family_checkpoints, qwen35_release)
-    ref = _reference(reference_converter, folder, qtype, tmp_path / "reference.gguf", FAMILIES.get(family, []))
-    _assert_same_tensors(convert(folder, tmp_path / "ours.gguf", qtype), ref)
+    _assert_same_tensors(convert(folder, tmp_path / "ours.gguf", qtype), references[(family, qtype)])
 
 
 def test_qwen35_release_text_model_and_mtp_block(qwen35_release, tmp_path, caplog):
