@@ -9,6 +9,11 @@ rules (src/llama-model.cpp create_memory, src/llama-hparams.cpp, src/llama-memor
 - recurrent state in recurrent layers of hybrid models (`attention.recurrent_layers`, else
   `(il + 1) % full_attention_interval != 0`): F32 conv state n_embd_r = (d_conv - 1) x
   (d_inner + 2 x n_group x d_state) and SSM state n_embd_s = d_state x d_inner per sequence;
+- deepseek4 (src/llama-kv-cache-dsv4.cpp): a K-only raw cache in every layer (full-size SWA), compressed
+  K caches of GGML_PAD(ceil(ctx / ratio), 256) cells (CSA layers, ratio 4: head_dim, plus the lightning
+  indexer's index_head_dim; HCA layers, ratio 128: head_dim), and F32 compressor state (kv and score) per
+  sequence: CSA 2 x ratio rows of 2 x head_dim, indexer 2 x ratio rows of 2 x index_head_dim, HCA ratio
+  rows of head_dim;
 - NextN/MTP layers (the last `nextn_predict_layers`): loaded, never run in normal decoding, no memory.
 """
 
@@ -30,12 +35,15 @@ class LayerMemory:
     kv_v_transposed: int = 0  # V elements per token without flash attention (padded to the largest layer's)
     swa_window: int = 0  # sliding-window layer: its window (0: full attention)
     recurrent_bytes: int = 0  # conv + SSM state of one sequence (F32)
+    compressed: tuple[tuple[int, int], ...] = ()  # deepseek4: (ratio, K elements per compressed cell) caches
+    compressor_bytes: int = 0  # deepseek4: compressor state of one sequence (F32)
     nextn: bool = False  # MTP/NextN block: loaded by llama.cpp, not run in normal decoding
 
     def to_json(self) -> dict[str, Any]:
         return {"layer": self.layer, "kv_k": self.kv_k, "kv_v": self.kv_v, "kv_v_transposed": self.kv_v_transposed,
                 "swa_window": self.swa_window,
-                "recurrent_bytes": self.recurrent_bytes, "nextn": self.nextn}
+                "recurrent_bytes": self.recurrent_bytes, "compressed": [list(c) for c in self.compressed],
+                "compressor_bytes": self.compressor_bytes, "nextn": self.nextn}
 
 
 def _flags(value: Any, n_layer: int) -> list[bool] | None:
@@ -76,6 +84,19 @@ def _recurrent_state_bytes(meta: dict[str, Any], arch: str) -> int:
     return 4 * (conv + d_state * d_inner)
 
 
+_DSV4_CSA, _DSV4_HCA = 4, 128  # the compression ratios deepseek4.cpp accepts (besides 0)
+
+
+def _compressed_memory(ratio: int, head_dim: int, index_head_dim: int) -> dict[str, Any]:
+    """deepseek4's compressed K caches and compressor state of one layer with this compression ratio."""
+    if ratio == _DSV4_CSA:
+        return {"compressed": ((ratio, head_dim), (ratio, index_head_dim)),
+                "compressor_bytes": 2 * 4 * 2 * ratio * 2 * (head_dim + index_head_dim)}
+    if ratio == _DSV4_HCA:
+        return {"compressed": ((ratio, head_dim),), "compressor_bytes": 2 * 4 * ratio * head_dim}
+    return {}
+
+
 def layer_memory(meta: dict[str, Any], arch: str, n_layer: int, n_head: int, n_embd: int) -> tuple[LayerMemory, ...]:
     """Each layer's KV elements per token, window, recurrent state and NextN flag (see the module docstring)."""
     head_dim = n_embd // n_head if n_head else 0
@@ -91,15 +112,20 @@ def layer_memory(meta: dict[str, Any], arch: str, n_layer: int, n_head: int, n_e
     n_nextn = int(meta.get(f"{arch}.nextn_predict_layers", 0) or 0)
     # gemma4/gemma3n: the last shared_kv_layers layers read the cache of an earlier layer
     n_kv_from_start = n_layer - n_nextn - int(meta.get(f"{arch}.attention.shared_kv_layers", 0) or 0)
+    ratios = _per_layer(meta.get(f"{arch}.attention.compress_ratios", 0), n_layer, 0)
+    k_only = f"{arch}.attention.compress_ratios" in meta  # deepseek4's raw cache holds K only
+    index_head_dim = int(meta.get(f"{arch}.attention.indexer.key_length", 0) or 0)
     v_max = max((n_head_kv[il] * (value_swa if swa[il] else value) for il in range(n_layer)), default=0)
     layers = []
     for il in range(n_layer):
         nextn = il >= n_layer - n_nextn
         has_kv = not nextn and not recurrent[il] and il < n_kv_from_start
         k, v = (key_swa, value_swa) if swa[il] else (key, value)
+        v = 0 if k_only else v
         layers.append(LayerMemory(
             layer=il, kv_k=n_head_kv[il] * k if has_kv else 0, kv_v=n_head_kv[il] * v if has_kv else 0,
-            kv_v_transposed=v_max if has_kv and n_head_kv[il] else 0,
+            kv_v_transposed=v_max if has_kv and n_head_kv[il] and v else 0,
+            **(_compressed_memory(ratios[il], key, index_head_dim) if has_kv else {}),
             swa_window=window if swa[il] else 0, recurrent_bytes=state if recurrent[il] and not nextn else 0,
             nextn=nextn))
     return tuple(layers)

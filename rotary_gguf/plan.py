@@ -106,18 +106,36 @@ def kv_cache_bytes(index: ModelIndex, ctx: int, kv_cache_type: str, n_layers: in
     (index.layer_memory): per layer n_head_kv x (key_length + value_length) elements per token, the SWA
     head sizes in sliding-window layers, which keep a full-size cache (llama.cpp's default swa_full);
     recurrent layers, layers sharing another's cache and NextN blocks hold none; MLA models store their
-    latent this way too. Without flash attention V rows are padded to the widest layer's."""
+    latent this way too. Without flash attention V rows are padded to the widest layer's. deepseek4's
+    compressed caches hold GGML_PAD(ceil(ctx / ratio), 256) cells."""
     per_element = KV_BYTES_PER_ELEMENT[kv_cache_type]
     layers = index.layer_memory[: index.params.n_layer if n_layers is None else n_layers]
     return sum(int(math.ceil(m.kv_k * per_element * ctx))
                + int(math.ceil((m.kv_v if flash_attention else m.kv_v_transposed) * per_element * ctx))
+               + sum(int(math.ceil(_compressed_cells(ctx, ratio) * elements * per_element))
+                     for ratio, elements in m.compressed)
                for m in layers)
+
+
+def _compressed_cells(ctx: int, ratio: int) -> int:
+    return -(-max(1, -(-ctx // ratio)) // 256) * 256
 
 
 def recurrent_state_bytes(index: ModelIndex, n_seq: int = 1) -> int:
     """Conv + SSM state of the recurrent layers (hybrid models), F32, for n_seq sequences: llama.cpp's RS
     buffer (llama-memory-recurrent.cpp sizes r_l/s_l from n_embd_r()/n_embd_s() x max(1, n_seq_max))."""
     return max(1, n_seq) * sum(m.recurrent_bytes for m in index.layer_memory)
+
+
+def compressor_state_bytes(index: ModelIndex, n_seq: int = 1) -> int:
+    """deepseek4's compressor state (F32 kv and score rows of the CSA, HCA and indexer compressors) for n_seq
+    sequences: llama.cpp's `DSV4 ... state` buffers."""
+    return max(1, n_seq) * sum(m.compressor_bytes for m in index.layer_memory)
+
+
+def state_bytes(index: ModelIndex) -> int:
+    """Per-sequence state besides the KV cache: recurrent (RS) and compressor state, one sequence."""
+    return recurrent_state_bytes(index) + compressor_state_bytes(index)
 
 
 def compute_buffer_bytes(index: ModelIndex, ctx: int, ubatch: int, flash_attention: bool) -> int:
@@ -133,7 +151,7 @@ def compute_buffer_bytes(index: ModelIndex, ctx: int, ubatch: int, flash_attenti
 
 
 def _state_note(state: int) -> str:
-    return f", recurrent state ({state / 2**30:.2f})" if state else ""
+    return f", recurrent/compressor state ({state / 2**30:.2f})" if state else ""
 
 
 def _bytes_in_layer(index: ModelIndex, layer: int, classes: tuple[TensorClass, ...]) -> int:
@@ -153,7 +171,7 @@ def _fixed_vram(index: ModelIndex, profile: Profile, ctx: int) -> tuple[int, int
     weights = sum(c.values()) - host
     kv = kv_cache_bytes(index, ctx, profile.kv_cache_type, flash_attention=profile.flash_attention)
     compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
-    return weights, kv, recurrent_state_bytes(index), compute, profile.gpu_overhead_bytes
+    return weights, kv, state_bytes(index), compute, profile.gpu_overhead_bytes
 
 
 def _largest_fitting_ctx(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> int:
@@ -227,7 +245,7 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
         return Placement(**common, vram_budget_bytes=0, n_gpu_layers=0, gpu_weight_bytes=0,
                          kv_bytes=kv_cache_bytes(index, ctx, profile.kv_cache_type,
                                                  flash_attention=profile.flash_attention),
-                         state_bytes=recurrent_state_bytes(index), compute_bytes=0,
+                         state_bytes=state_bytes(index), compute_bytes=0,
                          overhead_bytes=0, gpu_expert_layers=(), gpu_expert_bytes=0, host_weight_bytes=all_bytes,
                          host_compute_bytes=host_compute, overrides=all_experts_on_host,
                          expert_slots=tuple((layer, 0) for layer in index.moe_layers) if strategy == "rotary" else ())

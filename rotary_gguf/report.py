@@ -102,7 +102,7 @@ def format_placement(index: ModelIndex, placement, profile, estimate: float) -> 
             "VRAM",
             f"  weights      {format_bytes(p.gpu_weight_bytes):>12}  attention, norms, routers, shared experts, output",
             f"  KV cache     {format_bytes(p.kv_bytes):>12}  ctx {p.ctx}, {p.kv_cache_type}",
-            *([f"  recurrent    {format_bytes(p.state_bytes):>12}  conv + SSM state (hybrid layers)"]
+            *([f"  state        {format_bytes(p.state_bytes):>12}  recurrent (conv + SSM) and compressor state"]
               if p.state_bytes else []),
             f"  compute      {format_bytes(p.compute_bytes):>12}  ubatch {profile.ubatch}",
             f"  GPU runtime  {format_bytes(p.overhead_bytes):>12}  CUDA context and pools",

@@ -206,23 +206,23 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
         linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=32, max_position_embeddings=4096, tie_word_embeddings=False)),
-    # Converts with llama.cpp's converter; this tiny shape does not load yet (deepseek4.cpp GGML_ASSERT on a
-    # reshape), so no test opens it in llama.cpp.
+    # The converter reads the release's layout (names, MXFP4 experts, config keys: the tables below);
+    # deepseek4.cpp needs hc_mult 4, compression ratios 4 and 128, and (measured) a 64-wide rotary part.
     "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
         hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-        head_dim=64, q_lora_rank=32, o_lora_rank=32, o_groups=2, n_routed_experts=8, num_experts_per_tok=2,
-        n_shared_experts=1, hc_mult=4, sliding_window=16, index_n_heads=2, index_head_dim=32, index_topk=16,
+        head_dim=128, q_lora_rank=64, o_lora_rank=64, o_groups=2, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, hc_mult=4, sliding_window=16, index_n_heads=4, index_head_dim=128, index_topk=16,
         layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
                      "heavily_compressed_attention", "compressed_sparse_attention"],
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
-        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], num_nextn_predict_layers=0,
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], num_nextn_predict_layers=0, partial_rotary_factor=0.5,
         max_position_embeddings=4096, tie_word_embeddings=False)),
 }
 # Keys of the released config.json that convert_hf_to_gguf.py reads but transformers' config class does not write
 # (DeepSeek-V4's converter reads the original release's names).
 FAMILY_CONFIG_JSON: dict[str, dict] = {
     "glm4_moe-nextn": dict(num_hidden_layers=3, num_nextn_predict_layers=1),
-    "deepseek_v4": dict(num_hash_layers=1, qk_rope_head_dim=8, compress_ratios=[128, 4, 128, 4]),
+    "deepseek_v4": dict(num_hash_layers=1, qk_rope_head_dim=64, compress_ratios=[128, 4, 128, 4]),
 }
 # Tensor names of the released checkpoint where transformers writes others (regex, replacement; in order):
 # DeepSeek-V4's converter reads the release's own layout.

@@ -4,6 +4,7 @@ convert_hf_to_gguf.py: sessions on memory that cannot drop a suffix (qwen35moe's
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from rotary_gguf.chat import ChatSession
 from rotary_gguf.cli import main
 from rotary_gguf.gguf import TensorClass, open_index
-from rotary_gguf.plan import kv_cache_bytes, plan_placement, recurrent_state_bytes
+from rotary_gguf.plan import compressor_state_bytes, kv_cache_bytes, plan_placement, recurrent_state_bytes
 from rotary_gguf.profile import load_profile
 from rotary_gguf.runtime import Engine, EngineOptions, Sampling, prepare
 from rotary_gguf.runtime.generation import can_trim
@@ -52,29 +53,34 @@ def test_hybrid_chat_cli_takes_many_turns(family_models):
 
 
 # Per-layer memory, the index, the plugin and the commands on every family the pinned llama.cpp loads from a tiny
-# checkpoint (deepseek_v4 converts but does not load at these shapes; see tests/conftest.py).
-GLM4, GEMMA4, GLM4_NEXTN, QWEN35_WIDE_STATE = "glm4_moe", "gemma4_text", "glm4_moe-nextn", "qwen3_5_moe_text-wide-state"
+# checkpoint.
+GLM4, GEMMA4, DEEPSEEK4 = "glm4_moe", "gemma4_text", "deepseek_v4"
+GLM4_NEXTN, QWEN35_WIDE_STATE = "glm4_moe-nextn", "qwen3_5_moe_text-wide-state"
 LAPTOP = load_profile("rtx4060-laptop-8gb")
 PROMPT = list(range(10, 58))
 
 
 @pytest.mark.parametrize("family, kv_type, flash", [
     (QWEN35, "f16", False), (QWEN35, "q8_0", True), (QWEN35_WIDE_STATE, "f16", True), (GLM4, "f16", True),
-    (GLM4_NEXTN, "f16", False), (GEMMA4, "f16", True), (GEMMA4, "f16", False),
+    (GLM4_NEXTN, "f16", False), (GEMMA4, "f16", True), (GEMMA4, "f16", False), (DEEPSEEK4, "f16", True),
+    (DEEPSEEK4, "q8_0", True),
 ])
 def test_kv_and_recurrent_state_match_llama_cpp(family, kv_type, flash, family_models, stock_engine):
-    """Within 2% of llama.cpp's KV and RS buffers (logged in MiB with two decimals: that much more), where the
-    planner used to count a KV cache in every layer (recurrent, SWA head sizes, NextN blocks) and no state."""
+    """Within 2% of llama.cpp's KV, RS and deepseek4 compressor-state buffers (logged in MiB with two decimals:
+    that much more), where the planner used to count a KV cache in every layer (recurrent, SWA head sizes,
+    NextN blocks, deepseek4's compressed caches) and no state."""
     path = family_models(family)
     index = open_index(path)
     for ctx in (1024, 4096):
         with stock_engine(path, ctx=ctx, kv_cache_type=kv_type, flash_attention=flash) as engine:
             measured = {kind: engine.buffer_bytes(kind=kind) for kind in ("KV", "RS")}
+            measured["state"] = sum(float(m[1]) * 2**20 for line in engine.log_lines
+                                    if (m := re.search(r"DSV4 \w+ state buffer size =\s*([0-9.]+) MiB", line)))
         planned = {"KV": kv_cache_bytes(index, ctx, kv_type, flash_attention=flash),
-                   "RS": recurrent_state_bytes(index)}
-        for kind in ("KV", "RS"):
+                   "RS": recurrent_state_bytes(index), "state": compressor_state_bytes(index)}
+        for kind in ("KV", "RS", "state"):
             assert abs(planned[kind] - measured[kind]) <= 0.02 * measured[kind] + 0.005 * 2**20, (kind, ctx, planned)
-    assert (planned["RS"] > 0) == family.startswith(QWEN35)
+    assert (planned["RS"] > 0) == family.startswith(QWEN35) and (planned["state"] > 0) == (family == DEEPSEEK4)
 
 
 def test_layer_memory_records_each_layers_kind(family_models):
@@ -119,7 +125,7 @@ def _open_with_slots(path, strategy: str, slots: int = 0) -> Engine:
     return Engine.from_setup(replace(setup, placement=placement))
 
 
-@pytest.mark.parametrize("family", [GEMMA4, GLM4_NEXTN])
+@pytest.mark.parametrize("family", [GEMMA4, GLM4_NEXTN, DEEPSEEK4])
 def test_plugin_logits_and_tokens_exact(stand_in, family, family_models):
     """On the stand-in device: logits equal with and without the plugin, and greedy tokens equal while
     experts rotate through 3 slots (gemma4's per-expert down scale; a NextN block beside the slots)."""
@@ -138,7 +144,7 @@ def test_plugin_logits_and_tokens_exact(stand_in, family, family_models):
             assert (sum(s.device_pairs for s in stats) > 0) == (slots > 0), slots
 
 
-@pytest.mark.parametrize("family", [QWEN35, GLM4, GEMMA4])
+@pytest.mark.parametrize("family", [QWEN35, GLM4, GEMMA4, DEEPSEEK4])
 def test_calibrate_trace_and_bench_run(stand_in, family, family_models, slot_budget, tmp_path):
     """`rotary calibrate` (with a trace), `rotary simulate` on it and `rotary bench -r 1` with experts
     rotating through 3 slots per layer."""
