@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from rotary_gguf.gguf import TensorClass, open_index
-from rotary_gguf.plan import PlanError, compute_buffer_bytes, estimate_decode_tok_s, kv_cache_bytes, plan_placement
+from rotary_gguf.plan import (
+    PlanError,
+    compute_buffer_bytes,
+    estimate_decode_tok_s,
+    kv_cache_bytes,
+    plan_placement,
+    recurrent_state_bytes,
+)
 from rotary_gguf.profile import load_profile
 
 GiB = 2**30
@@ -154,3 +161,24 @@ def test_kv_cache_counts_only_layers_with_kv_heads(tmp_path, write_gguf):
     index = open_index(path)
     assert index.params.n_head_kv_layers == (0, 2, 0, 2)
     assert kv_cache_bytes(index, 1000, "f16") == 2 * 2 * (16 + 16) * 2 * 1000
+
+
+def test_real_shape_hybrid_memory(tmp_path, write_gguf):
+    """Qwen3.6-35B-A3B's shapes (40 layers, full attention every 4th with 2 KV heads of 256, Gated DeltaNet
+    conv 4, 32 value heads of 128, 16 key heads of 128, an MTP block as layer 40): llama.cpp allocates 80 MiB
+    of KV and 62.8 MiB of recurrent state at ctx 4096 (f16), 640 MiB of KV at 32768; the MTP block has none
+    and no slots. The planner counted 320 MiB of KV in every layer before."""
+    experts = [(f"blk.{i}.ffn_up_exps.weight", np.zeros((4, 32, 64), np.float32)) for i in (0, 40)]
+    arch = "qwen35moe"
+    path = write_gguf(tmp_path / "q36.gguf", arch, experts, block_count=41, embedding_length=2048, head_count=16,
+                      head_count_kv=2, key_length=256, value_length=256, expert_count=4, expert_used_count=2,
+                      context_length=262144, full_attention_interval=4, ssm_conv_kernel=4, ssm_inner_size=4096,
+                      ssm_state_size=128, ssm_group_count=16, nextn_predict_layers=1)
+    index = open_index(path)
+    assert index.nextn_layers == (40,) and index.moe_layers == (0,)
+    assert kv_cache_bytes(index, 4096, "f16") == 80 * 2**20
+    assert kv_cache_bytes(index, 32768, "f16") == 640 * 2**20
+    assert round(recurrent_state_bytes(index) / 2**20, 1) == 62.8
+    placement = plan_placement(index, LAPTOP, strategy="rotary", ctx=4096)
+    assert placement.kv_bytes == 80 * 2**20 and placement.state_bytes == recurrent_state_bytes(index)
+    assert [layer for layer, _ in placement.expert_slots] == [0]
