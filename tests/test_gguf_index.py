@@ -8,6 +8,7 @@ from gguf import GGUFReader, GGUFWriter
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import TensorClass, classify, open_index
 
 
@@ -232,3 +233,24 @@ def test_mxfp4_experts_split_byte_exactly(tmp_path, write_gguf):
     raw = np.memmap(path, mode="r")
     alone = dequantize(np.asarray(raw[block.offset:block.offset + block.nbytes]), GGMLQuantizationType.MXFP4)
     np.testing.assert_array_equal(alone.reshape(64, 64), dequantize(packed, GGMLQuantizationType.MXFP4)[3])
+
+
+def test_expert_auxiliary_tensors_of_any_rank(tmp_path, write_gguf):
+    """Per-expert scalars ([n_expert], gemma4's down scale) and biases ([n, n_expert]) are per-expert blocks;
+    a per-expert slice that is not whole quant blocks is one clear error with the numbers."""
+    scale = np.arange(4, dtype=np.float32)
+    bias = np.ones((4, 32), dtype=np.float32)
+    path = _write_custom(write_gguf, tmp_path / "aux.gguf", [
+        ("blk.0.ffn_down_exps.weight", np.zeros((4, 32, 32), np.float32)),
+        ("blk.0.ffn_down_exps.scale", scale), ("blk.0.ffn_down_exps.bias", bias)])
+    index = open_index(path)
+    for expert in range(4):
+        parts = {b.part: b for b in index.expert_blocks(0, expert)}
+        assert (parts["scale"].nbytes, parts["bias"].nbytes, parts["weight"].nbytes) == (4, 128, 4096)
+    assert index.expert_bytes(0) == 4096 + 128 + 4
+    quantized = np.zeros(34 * 2, np.uint8)  # Q8_0 [64]: 64 experts of 1 value each, inside 32-value blocks
+    bad = _write_custom(write_gguf, tmp_path / "bad.gguf",
+                        [("blk.0.ffn_down_exps.scale", quantized, GGMLQuantizationType.Q8_0)], n_expert=64)
+    with pytest.raises(RotaryError, match=r"'blk\.0\.ffn_down_exps\.scale' shape \[64\] \(Q8_0\) does not split "
+                                          r"into 64 whole-block experts"):
+        open_index(bad)
