@@ -23,6 +23,10 @@ IDS = list(range(10, 42))
 REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "reference_convert.py"
 # model_type of a conftest family checkpoint -> convert_hf_to_gguf.py's extra arguments for it.
 FAMILIES = {"qwen3_5_moe_text": ["--no-mtp"], "glm4_moe": [], "gemma4_text": []}
+# Families also checked as bf16 checkpoints (written here from the f32 ones), named "<family>-bf16".
+BF16 = ("glm4_moe", "gemma4_text")
+# Every checkpoint compared tensor for tensor: the conftest families, the Qwen3.5 release layout, the bf16 copies.
+ALL = [*FAMILIES, "qwen3_5_moe", *(f"{family}-bf16" for family in BF16)]
 # Checkpoints whose logits transformers' AutoModelForCausalLM does not build (the multimodal release).
 MODEL_CLASSES = {"qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 
@@ -58,7 +62,8 @@ def qwen35_release(tmp_path_factory, family_checkpoints) -> Path:
     """The released Qwen3.5/3.6 MoE layout, tiny and bf16: Qwen3_5MoeForConditionalGeneration (text weights
     under model.language_model, a vision tower), interleaved M-RoPE sections, an MTP block (mtp.*: fc,
     pre-fc norms, one full-attention MoE layer) as the release has and transformers does not run, and the
-    experts of layers 0-1 and the MTP layer stored fused."""
+    experts of layers 0-1 and the MTP layer stored fused. The text model's matrices are 4x transformers' init
+    (logits up to ~2 rather than ~0.5), a harder comparison."""
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
@@ -76,6 +81,7 @@ def qwen35_release(tmp_path_factory, family_checkpoints) -> Path:
     folder = tmp_path_factory.mktemp("qwen35") / "release"
     transformers.Qwen3_5MoeForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(folder)
     state = load_file(folder / "model.safetensors")
+    state = {k: v * 4 if v.ndim >= 2 and ".visual." not in k else v for k, v in state.items()}
     lm = "model.language_model.layers"
     for name in [n for n in state if n.startswith(f"{lm}.3.")]:
         state[name.replace(f"{lm}.3.", "mtp.layers.0.")] = state[name] + 0.01 * torch.randn_like(state[name])
@@ -93,8 +99,27 @@ def qwen35_release(tmp_path_factory, family_checkpoints) -> Path:
     return folder
 
 
-def _checkpoint(name: str, family_checkpoints: Callable[[str], Path], qwen35_release: Path | None = None) -> Path:
-    return qwen35_release if name == "qwen3_5_moe" else family_checkpoints(name)
+@pytest.fixture(scope="module")
+def bf16_checkpoints(family_checkpoints, tmp_path_factory) -> dict[str, Path]:
+    """glm4_moe and gemma4_text stored in bf16 (the conftest checkpoints are f32), as their releases are."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    made = {}
+    for family in BF16:
+        source = family_checkpoints(family)
+        folder = Path(shutil.copytree(source, tmp_path_factory.mktemp("bf16") / family))
+        state = {k: v.to(torch.bfloat16) for k, v in load_file(source / "model.safetensors").items()}
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        made[f"{family}-bf16"] = folder
+    return made
+
+
+def _checkpoint(name: str, family_checkpoints: Callable[[str], Path], qwen35_release: Path,
+                bf16_checkpoints: dict[str, Path]) -> Path:
+    if name == "qwen3_5_moe":
+        return qwen35_release
+    return bf16_checkpoints[name] if name.endswith("-bf16") else family_checkpoints(name)
 
 
 def _llama_logits(stock_engine, path: Path) -> np.ndarray:
@@ -131,17 +156,17 @@ QTYPES = ("f16", "q8_0")
 
 
 @pytest.fixture(scope="module")
-def references(reference_converter, family_checkpoints, qwen35_release,
+def references(reference_converter, family_checkpoints, qwen35_release, bf16_checkpoints,
                tmp_path_factory) -> dict[tuple[str, str], Path]:
     """(family, qtype) -> the checkpoint converted by llama.cpp's convert_hf_to_gguf.py; the families convert
     in parallel processes. The multimodal release is converted with llama.cpp's defaults (MTP kept)."""
     folder = tmp_path_factory.mktemp("references")
-    outs = {(family, q): folder / f"{family}-{q}.gguf" for family in [*FAMILIES, "qwen3_5_moe"] for q in QTYPES}
+    outs = {(family, q): folder / f"{family}-{q}.gguf" for family in ALL for q in QTYPES}
     runs = {}
-    for family in [*FAMILIES, "qwen3_5_moe"]:
+    for family in ALL:
         specs = [",".join([q, str(outs[(family, q)]), *FAMILIES.get(family, [])]) for q in QTYPES]
         command = [sys.executable, "-c", _REFERENCE_RUNS, str(REFERENCE), str(reference_converter),
-                   str(_checkpoint(family, family_checkpoints, qwen35_release)), *specs]
+                   str(_checkpoint(family, family_checkpoints, qwen35_release, bf16_checkpoints)), *specs]
         runs[family] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for family, run in runs.items():
         _, err = run.communicate()
@@ -158,9 +183,10 @@ def _assert_same_tensors(ours: Path, reference: Path) -> None:
         assert np.array_equal(np.asarray(mine[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_moe_text", "glm4_moe", "qwen3_5_moe"])
-def test_f32_logits_match_transformers(family_checkpoints, qwen35_release, stock_engine, tmp_path, family):
-    folder = _checkpoint(family, family_checkpoints, qwen35_release)
+@pytest.mark.parametrize("family", ["qwen3_5_moe_text", "glm4_moe", "qwen3_5_moe", "glm4_moe-bf16"])
+def test_f32_logits_match_transformers(family_checkpoints, qwen35_release, bf16_checkpoints, stock_engine, tmp_path,
+                                       family):
+    folder = _checkpoint(family, family_checkpoints, qwen35_release, bf16_checkpoints)
     out = convert(folder, tmp_path / "model.gguf", "f32")
     assert np.abs(_llama_logits(stock_engine, out) - _transformers_logits(folder, family)).max() <= 1e-4
 
@@ -199,9 +225,10 @@ def test_gemma4_f32_logits_match_transformers_to_llama_cpp_fp16_gelu(family_chec
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-@pytest.mark.parametrize("family", [*FAMILIES, "qwen3_5_moe"])
-def test_tensors_equal_llama_cpp_converter(family_checkpoints, qwen35_release, references, tmp_path, family, qtype):
-    folder = _checkpoint(family, family_checkpoints, qwen35_release)
+@pytest.mark.parametrize("family", ALL)
+def test_tensors_equal_llama_cpp_converter(family_checkpoints, qwen35_release, bf16_checkpoints, references, tmp_path,
+                                           family, qtype):
+    folder = _checkpoint(family, family_checkpoints, qwen35_release, bf16_checkpoints)
     _assert_same_tensors(convert(folder, tmp_path / "ours.gguf", qtype), references[(family, qtype)])
 
 
