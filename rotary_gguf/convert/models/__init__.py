@@ -13,12 +13,11 @@ SUPPORTED = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss", "qwen3_5_m
 ALIASES = {"qwen3_5_moe_text": "qwen3_5_moe", "gemma4_text": "gemma4"}
 # Dense relatives, named in the error so that a user sees why their checkpoint is refused.
 _DENSE = ("llama", "qwen2", "qwen3", "mistral", "olmo", "olmo2", "gemma", "gemma2", "gemma3", "phi3")
-
-
 # MoE families rotary does not convert, with the reason (said in the error).
 _REFUSED = {
-    "deepseek_v4": "its release stores the routed experts as MXFP4 codes with E8M0 scales, which rotary's "
-                   "converter does not read; convert it with llama.cpp's convert_hf_to_gguf.py and run that GGUF",
+    "deepseek_v4": "its release stores the routed experts as MXFP4 codes with E8M0 scales (and attention in "
+                   "FP8), which rotary's converter does not read; convert it with llama.cpp's convert_hf_to_gguf.py "
+                   "and run that GGUF",
 }
 
 
