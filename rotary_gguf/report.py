@@ -46,6 +46,7 @@ def format_index(index: ModelIndex) -> str:
         + f", heads {p.n_head} (KV {p.n_head_kv}, head dim {p.head_dim_k}/{p.head_dim_v}), "
         f"vocab {p.n_vocab}, trained context {p.n_ctx_train}",
         f"tensor types   {', '.join(f'{name} x{n}' for name, n in index.type_counts.items())}",
+        f"layer memory   {_layer_memory_summary(index)}",
         "",
         f"{'tensor class':<22}{'bytes':>12}{'share':>8}",
     ]
@@ -64,6 +65,27 @@ def format_index(index: ModelIndex) -> str:
         f"can be host    {format_bytes(index.host_capable_bytes)} (routed experts and their biases, token embedding)",
     ]
     return "\n".join(lines)
+
+
+def _layer_memory_summary(index: ModelIndex) -> str:
+    """Which layers hold a KV cache (and with which window), recurrent or compressor state, or are NextN
+    blocks: what llama.cpp allocates per layer besides the weights."""
+    memory = index.layer_memory
+    kv = [m.layer for m in memory if m.kv_k]
+    swa = [m.layer for m in memory if m.kv_k and m.swa_window]
+    recurrent = [m.layer for m in memory if m.recurrent_bytes]
+    compressed = [m.layer for m in memory if m.compressed]
+    parts = [f"KV cache in layers {_layers(kv)}"
+             + (f" (sliding window {memory[swa[0]].swa_window} in {_layers(swa)}, full-size cache)" if swa else "")]
+    if recurrent:
+        parts.append(f"recurrent state in {_layers(recurrent)} "
+                     f"({format_bytes(sum(m.recurrent_bytes for m in memory))} per sequence)")
+    if compressed:
+        parts.append(f"compressed KV and compressor state in {_layers(compressed)} "
+                     f"({format_bytes(sum(m.compressor_bytes for m in memory))} per sequence)")
+    if index.nextn_layers:
+        parts.append(f"NextN/MTP block {_layers(index.nextn_layers)} (not loaded for decoding: no memory, no slots)")
+    return "; ".join(parts)
 
 
 def _layers(layers: tuple[int, ...] | list[int]) -> str:

@@ -90,6 +90,8 @@ def test_layer_memory_records_each_layers_kind(family_models):
     gemma = open_index(family_models(GEMMA4)).layer_memory
     assert [m.swa_window for m in gemma] == [32, 32, 32, 0]
     assert [(m.kv_k, m.kv_v) for m in gemma] == [(32, 32)] * 3 + [(64, 64)]  # 2 KV heads of 16 (SWA) or 32
+    inspect = CliRunner().invoke(main, ["inspect", str(family_models(QWEN35))])
+    assert "layer memory   KV cache in layers 3; recurrent state in 0-2 (16.50 KiB per sequence)" in inspect.output
 
 
 def test_nextn_block_gets_no_slots_and_no_memory(family_models):
