@@ -25,8 +25,9 @@ REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "reference_convert
 FAMILIES = {"qwen3_5_moe_text": ["--no-mtp"], "glm4_moe": [], "gemma4_text": []}
 # Families also checked as bf16 checkpoints (written here from the f32 ones), named "<family>-bf16".
 BF16 = ("glm4_moe", "gemma4_text")
-# Every checkpoint compared tensor for tensor: the conftest families, the Qwen3.5 release layout, the bf16 copies.
-ALL = [*FAMILIES, "qwen3_5_moe", *(f"{family}-bf16" for family in BF16)]
+# Every checkpoint compared tensor for tensor: the conftest families, the multimodal release layouts of Qwen3.5
+# and Gemma 4 (qwen3_5_moe, gemma4: written here), the bf16 copies.
+ALL = [*FAMILIES, "qwen3_5_moe", "gemma4", *(f"{family}-bf16" for family in BF16)]
 # Checkpoints whose logits transformers' AutoModelForCausalLM does not build (the multimodal release).
 MODEL_CLASSES = {"qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}
 
@@ -100,6 +101,28 @@ def qwen35_release(tmp_path_factory, family_checkpoints) -> Path:
 
 
 @pytest.fixture(scope="module")
+def gemma4_release(tmp_path_factory, family_checkpoints) -> Path:
+    """The released Gemma 4 layout, tiny and bf16: Gemma4ForConditionalGeneration (model_type gemma4, the text
+    model of conftest's gemma4_text under model.language_model, a vision tower and its embedder)."""
+    import torch
+    import transformers
+
+    text_folder = family_checkpoints("gemma4_text")
+    text = json.loads((text_folder / "config.json").read_text())
+    text = {k: v for k, v in text.items() if k not in ("architectures", "model_type", "dtype", "transformers_version")}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16, position_embedding_size=64, patch_size=4)
+    config = transformers.Gemma4Config(text_config=text, vision_config=vision, audio_config=None,
+                                       tie_word_embeddings=True)
+    config.architectures = ["Gemma4ForConditionalGeneration"]
+    torch.manual_seed(4)
+    folder = tmp_path_factory.mktemp("gemma4") / "release"
+    transformers.Gemma4ForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(folder)
+    _copy_tokenizer(text_folder, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def bf16_checkpoints(family_checkpoints, tmp_path_factory) -> dict[str, Path]:
     """glm4_moe and gemma4_text stored in bf16 (the conftest checkpoints are f32), as their releases are."""
     import torch
@@ -115,11 +138,11 @@ def bf16_checkpoints(family_checkpoints, tmp_path_factory) -> dict[str, Path]:
     return made
 
 
-def _checkpoint(name: str, family_checkpoints: Callable[[str], Path], qwen35_release: Path,
-                bf16_checkpoints: dict[str, Path]) -> Path:
-    if name == "qwen3_5_moe":
-        return qwen35_release
-    return bf16_checkpoints[name] if name.endswith("-bf16") else family_checkpoints(name)
+@pytest.fixture(scope="module")
+def checkpoint(family_checkpoints, qwen35_release, gemma4_release, bf16_checkpoints) -> Callable[[str], Path]:
+    """checkpoint(name) -> the folder of any checkpoint in ALL."""
+    written = {"qwen3_5_moe": qwen35_release, "gemma4": gemma4_release, **bf16_checkpoints}
+    return lambda name: written[name] if name in written else family_checkpoints(name)
 
 
 def _llama_logits(stock_engine, path: Path) -> np.ndarray:
@@ -156,8 +179,7 @@ QTYPES = ("f16", "q8_0")
 
 
 @pytest.fixture(scope="module")
-def references(reference_converter, family_checkpoints, qwen35_release, bf16_checkpoints,
-               tmp_path_factory) -> dict[tuple[str, str], Path]:
+def references(reference_converter, checkpoint, tmp_path_factory) -> dict[tuple[str, str], Path]:
     """(family, qtype) -> the checkpoint converted by llama.cpp's convert_hf_to_gguf.py; the families convert
     in parallel processes. The multimodal release is converted with llama.cpp's defaults (MTP kept)."""
     folder = tmp_path_factory.mktemp("references")
@@ -166,7 +188,7 @@ def references(reference_converter, family_checkpoints, qwen35_release, bf16_che
     for family in ALL:
         specs = [",".join([q, str(outs[(family, q)]), *FAMILIES.get(family, [])]) for q in QTYPES]
         command = [sys.executable, "-c", _REFERENCE_RUNS, str(REFERENCE), str(reference_converter),
-                   str(_checkpoint(family, family_checkpoints, qwen35_release, bf16_checkpoints)), *specs]
+                   str(checkpoint(family)), *specs]
         runs[family] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for family, run in runs.items():
         _, err = run.communicate()
@@ -184,9 +206,8 @@ def _assert_same_tensors(ours: Path, reference: Path) -> None:
 
 
 @pytest.mark.parametrize("family", ["qwen3_5_moe_text", "glm4_moe", "qwen3_5_moe", "glm4_moe-bf16"])
-def test_f32_logits_match_transformers(family_checkpoints, qwen35_release, bf16_checkpoints, stock_engine, tmp_path,
-                                       family):
-    folder = _checkpoint(family, family_checkpoints, qwen35_release, bf16_checkpoints)
+def test_f32_logits_match_transformers(checkpoint, stock_engine, tmp_path, family):
+    folder = checkpoint(family)
     out = convert(folder, tmp_path / "model.gguf", "f32")
     assert np.abs(_llama_logits(stock_engine, out) - _transformers_logits(folder, family)).max() <= 1e-4
 
@@ -226,20 +247,26 @@ def test_gemma4_f32_logits_match_transformers_to_llama_cpp_fp16_gelu(family_chec
 
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("family", ALL)
-def test_tensors_equal_llama_cpp_converter(family_checkpoints, qwen35_release, bf16_checkpoints, references, tmp_path,
-                                           family, qtype):
-    folder = _checkpoint(family, family_checkpoints, qwen35_release, bf16_checkpoints)
+def test_tensors_equal_llama_cpp_converter(checkpoint, references, tmp_path, family, qtype):
+    folder = checkpoint(family)
     _assert_same_tensors(convert(folder, tmp_path / "ours.gguf", qtype), references[(family, qtype)])
 
 
 def test_qwen35_release_text_model_and_mtp_block(qwen35_release, tmp_path, caplog):
     caplog.set_level("INFO")
     out = convert(qwen35_release, tmp_path / "out.gguf", "q8_0")
-    assert caplog.text.count("skipping 21 vision tower tensors") == 1
+    assert caplog.text.count("skipping 21 tensors of the vision/audio towers") == 1
     index = open_index(out)
     assert index.metadata["qwen35moe.block_count"] == 5 and index.metadata["qwen35moe.nextn_predict_layers"] == 1
     assert list(index.metadata["qwen35moe.rope.dimension_sections"]) == [2, 1, 1, 0]
     assert not any(t.name.startswith(("v.", "mm.")) for t in index.tensors)
+
+
+def test_gemma4_release_text_model(gemma4_release, tmp_path, caplog):
+    caplog.set_level("INFO")
+    index = open_index(convert(gemma4_release, tmp_path / "out.gguf", "q8_0"))
+    assert caplog.text.count("skipping 16 tensors of the vision/audio towers") == 1
+    assert index.metadata["general.architecture"] == "gemma4" and index.metadata["gemma4.block_count"] == 4
 
 
 def test_qwen35_bad_layer_types_is_one_line(family_checkpoints, tmp_path):

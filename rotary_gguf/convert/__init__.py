@@ -10,6 +10,7 @@ rename); an existing file is kept unless `force`.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import defaultdict
@@ -28,6 +29,7 @@ from rotary_gguf.convert.tokenizer import add_vocab
 
 __all__ = ["ConvertError", "DIRECT_TYPES", "convert"]
 
+log = logging.getLogger(__name__)
 Q = gguf.GGMLQuantizationType
 DIRECT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 _FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -96,6 +98,7 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
     out, left = [], []
     derive, rename = getattr(module, "derive", None), getattr(module, "rename", None)
     reshape = getattr(module, "reshape", None)
+    skipped = 0
     for name, t in tensors.items():
         for part_name, shape, expert in (derive(name, t, cfg) if derive else None) or ():
             new = names.get_name(part_name, try_suffixes=(".weight", ".bias"))
@@ -106,6 +109,7 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
             continue
         known = rename(name, cfg) if rename else name
         if known is None:
+            skipped += 1
             continue
         if (m := pattern.fullmatch(known)) is not None:
             experts[(int(m.group(1)), m.group(3))][int(m.group(2))] = t
@@ -135,6 +139,8 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
             stacked = [group[e] for e in range(n_expert)]
             new = names.get_name(module.STACKED.format(layer=layer, proj=proj), try_suffixes=(".weight",))
             out.append(OutTensor(new, tuple(stacked), True, _qtype(new, (n_expert, *stacked[0].shape), target)))
+    if skipped:
+        log.info("skipping %d tensors of the vision/audio towers: the GGUF holds the text model only", skipped)
     for new, array in getattr(module, "generate", lambda cfg: [])(cfg):
         out.append(OutTensor(new, (), False, _qtype(new, array.shape, target), generated=array))
     left += [f"layer {layer} {proj} experts" for layer, proj in experts]

@@ -7,7 +7,6 @@ a scalar per layer. Norm weights are used as stored (no + 1, unlike Gemma 3). Th
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 
@@ -16,7 +15,6 @@ import numpy as np
 
 from rotary_gguf.convert.checkpoint import ConvertError, HFConfig, StoredTensor, read_tensor
 
-log = logging.getLogger(__name__)
 ARCH = gguf.MODEL_ARCH.GEMMA4
 EXPERT = r"(?!)"  # experts are stored fused: derive() passes them through expert by expert
 STACKED = ""

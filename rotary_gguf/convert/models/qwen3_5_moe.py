@@ -8,7 +8,6 @@ output norm), and V heads from grouped-by-K to tiled order where there are more 
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 
@@ -17,7 +16,6 @@ import numpy as np
 
 from rotary_gguf.convert.checkpoint import ConvertError, HFConfig, StoredTensor, read_tensor
 
-log = logging.getLogger(__name__)
 ARCH = gguf.MODEL_ARCH.QWEN35MOE
 EXPERT = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
 STACKED = "model.layers.{layer}.mlp.experts.{proj}.weight"
@@ -30,17 +28,10 @@ _MTP_TOP = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidd
 _VISION = ("visual.", "vision.", "vision_", "merger.", "patch_embed")
 
 
-def _mtp_layers(tensors: dict[str, StoredTensor]) -> int:
-    found = [int(m.group(1)) for name in tensors if (m := _MTP_LAYER.fullmatch(name))]
-    return max(found) + 1 if found else 0
-
-
 def extra_blocks(cfg: HFConfig, tensors: dict[str, StoredTensor]) -> int:
     """The MTP layers in the checkpoint, written as NextN blocks after the text layers."""
-    n_vision = sum(1 for name in tensors if any(part in name for part in _VISION))
-    if n_vision:
-        log.info("skipping %d vision tower tensors: the GGUF holds the text model only", n_vision)
-    return _mtp_layers(tensors)
+    found = [int(m.group(1)) for name in tensors if (m := _MTP_LAYER.fullmatch(name))]
+    return max(found) + 1 if found else 0
 
 
 def rename(name: str, cfg: HFConfig) -> str | None:
