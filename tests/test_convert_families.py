@@ -22,7 +22,7 @@ from rotary_gguf.gguf import open_index
 IDS = list(range(10, 42))
 REFERENCE = Path(__file__).resolve().parents[1] / "scripts" / "reference_convert.py"
 # model_type of a conftest family checkpoint -> convert_hf_to_gguf.py's extra arguments for it.
-FAMILIES = {"qwen3_5_moe_text": ["--no-mtp"], "glm4_moe": [], "gemma4_text": []}
+FAMILIES = {"qwen3_5_moe_text": ["--no-mtp"], "glm4_moe": [], "glm4_moe-nextn": [], "gemma4_text": []}
 # Families also checked as bf16 checkpoints (written here from the f32 ones), named "<family>-bf16".
 BF16 = ("glm4_moe", "gemma4_text")
 # Every checkpoint compared tensor for tensor: the conftest families, the multimodal release layouts of Qwen3.5
@@ -205,7 +205,7 @@ def _assert_same_tensors(ours: Path, reference: Path) -> None:
         assert np.array_equal(np.asarray(mine[name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), name
 
 
-@pytest.mark.parametrize("family", ["qwen3_5_moe_text", "glm4_moe", "qwen3_5_moe", "glm4_moe-bf16"])
+@pytest.mark.parametrize("family", ["qwen3_5_moe_text", "glm4_moe", "qwen3_5_moe", "glm4_moe-bf16", "glm4_moe-nextn"])
 def test_f32_logits_match_transformers(checkpoint, stock_engine, tmp_path, family):
     folder = checkpoint(family)
     out = convert(folder, tmp_path / "model.gguf", "f32")
