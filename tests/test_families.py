@@ -127,7 +127,7 @@ def _open_with_slots(path, strategy: str, slots: int = 0) -> Engine:
     return Engine.from_setup(replace(setup, placement=placement))
 
 
-@pytest.mark.parametrize("family", [GEMMA4, GLM4_NEXTN, DEEPSEEK4])
+@pytest.mark.parametrize("family", [QWEN35, GLM4, GLM4_NEXTN, GEMMA4, DEEPSEEK4])
 def test_plugin_logits_and_tokens_exact(stand_in, family, family_models):
     """On the stand-in device: logits equal with and without the plugin, and greedy tokens equal while
     experts rotate through 3 slots (gemma4's per-expert down scale; a NextN block beside the slots)."""
