@@ -197,8 +197,14 @@ def references(reference_converter, checkpoint, tmp_path_factory) -> dict[tuple[
 
 
 def _assert_same_tensors(ours: Path, reference: Path) -> None:
-    theirs = {t.name: t for t in GGUFReader(reference).tensors}
-    mine = {t.name: t for t in GGUFReader(ours).tensors}
+    """Tensors identical (names, types, shapes, bytes), and every architecture key of the reference equal."""
+    ours_file, reference_file = GGUFReader(ours), GGUFReader(reference)
+    arch = reference_file.fields["general.architecture"].contents()
+    for key, field in reference_file.fields.items():
+        if key.startswith(f"{arch}."):
+            assert key in ours_file.fields and ours_file.fields[key].contents() == field.contents(), key
+    theirs = {t.name: t for t in reference_file.tensors}
+    mine = {t.name: t for t in ours_file.tensors}
     assert set(mine) == set(theirs)
     for name, t in theirs.items():
         assert (mine[name].tensor_type, list(mine[name].shape)) == (t.tensor_type, list(t.shape)), name
