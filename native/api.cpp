@@ -140,6 +140,15 @@ int rotary_sched_set_slots(rotary_sched_model * model, int layer, int n_slots) {
         return fail("cannot allocate " + std::to_string(n_slots) + " expert slots of layer " + std::to_string(layer)
                     + " on " + ggml_backend_dev_name(process().slot_dev));
     }
+    // Never-filled slots are read: CUDA's MMQ kernels read past an expert's end (llama.cpp pads copied
+    // experts for that reason, ggml-backend.cpp ggml_backend_sched_compute_splits), so no garbage there.
+    s.traffic.call();
+    ggml_backend_buffer_clear(l.buffer, 0);
+    // The copier's staging ring, once, here on the compute thread (pinned memory on a GPU).
+    if (!s.copier.reserve(s.staging_type())) {
+        l.free_slots();
+        return fail("cannot allocate the copier's staging memory");
+    }
     l.expert_in_slot.assign(n_slots, -1);
     return n_slots;
 }
@@ -163,21 +172,21 @@ int rotary_sched_set_resident(rotary_sched_model * model, int layer, const int32
                         + " is out of range or repeated");
         }
     }
+    // Only slots whose expert changes are copied (a survivor in the same slot stays), through the copier.
     l.slot_of_expert.assign(l.n_expert, -1);
     for (int k = 0; k < (int) l.expert_in_slot.size(); k++) {
         const int32_t e = k < n_experts ? experts[k] : -1;
         if (e >= 0 && l.expert_in_slot[k] != e) {
-            for (int i : l.tensors) {
-                const ExpertTensor & t = s.tensors[i];
-                const uint8_t * block = s.files[t.file].base + t.offset + (uint64_t) e * t.expert_bytes;
-                ggml_backend_tensor_set(t.slots, block, (size_t) k * t.expert_bytes, t.expert_bytes);
-            }
+            s.copy_expert(l, e, k);
+            s.resident_bytes += l.slot_bytes;
         }
         l.expert_in_slot[k] = e;
         if (e >= 0) {
             l.slot_of_expert[e] = k;
         }
     }
+    bool stalled = false;
+    s.copier.drain(&stalled);
     l.n_resident = n_experts;
     return n_experts;
 }
@@ -202,12 +211,20 @@ int rotary_sched_layer_stats(rotary_sched_model * model, int layer, rotary_sched
 
 void rotary_sched_stats(rotary_sched_model * model, rotary_sched_stats_t * out) {
     const Scheduler & s = *model->state;
-    *out = { s.graph_calls, s.split_matmuls, s.device_bytes(), s.stall_ns, s.commits };
+    const DeviceCounters & d = s.traffic;
+    *out = { s.graph_calls,     s.split_matmuls,       s.device_bytes(),     s.stall_ns,
+             s.commits,         s.stalls,              d.syncs,              d.transfers,
+             d.transfer_bytes,  d.off_thread_calls,    d.host_allocs,        s.copier.chunks(),
+             s.copier.copy_bytes(), s.copier.copy_ns(), s.resident_bytes,    s.prompt_selections,
+             s.copier.staging_bytes() + s.device.staging_bytes() };
 }
 
 void rotary_sched_reset_stats(rotary_sched_model * model) {
     Scheduler & s = *model->state;
-    s.graph_calls = s.split_matmuls = s.stall_ns = s.commits = 0;
+    s.graph_calls = s.split_matmuls = s.stall_ns = s.commits = s.stalls = 0;
+    s.resident_bytes = s.prompt_selections = 0;
+    s.traffic.syncs = s.traffic.transfers = s.traffic.transfer_bytes = s.traffic.off_thread_calls = 0;
+    s.copier.reset_stats();
     for (auto & entry : s.layers) {
         entry.second.device_pairs = entry.second.host_pairs = 0;
         entry.second.admissions = entry.second.evictions = entry.second.bytes_copied = 0;
@@ -264,7 +281,7 @@ int rotary_sched_admit(rotary_sched_model * model, int layer, const int32_t * ex
         l.admissions++;
         l.bytes_copied += l.slot_bytes;
         s.pending.push_back({ layer, e, slot });
-        s.copier.submit(s.pending.back());
+        s.copy_expert(l, e, slot);
     }
     return n;
 }
@@ -289,4 +306,28 @@ int rotary_sched_set_replay(rotary_sched_model * model, int layer, const int32_t
     l.replay_cursor = 0;
     l.replay_call = 0;
     return 0;
+}
+
+int64_t rotary_sched_read_slot(rotary_sched_model * model, int layer, int slot, uint8_t * out, int64_t capacity) {
+    Scheduler & s = *model->state;
+    Layer * found = s.find_layer(layer);
+    if (!found) {
+        return -1;
+    }
+    Layer & l = *found;
+    if (slot < 0 || slot >= (int) l.expert_in_slot.size()) {
+        return fail("layer " + std::to_string(layer) + " has no slot " + std::to_string(slot));
+    }
+    s.commit();
+    int64_t done = 0;
+    for (int i : l.tensors) {
+        const ExpertTensor & t = s.tensors[i];
+        if (done + (int64_t) t.expert_bytes > capacity) {
+            return fail("slot read needs " + std::to_string(l.slot_bytes) + " bytes");
+        }
+        s.traffic.call();
+        ggml_backend_tensor_get(t.slots, out + done, (size_t) slot * t.expert_bytes, t.expert_bytes);
+        done += (int64_t) t.expert_bytes;
+    }
+    return done;
 }

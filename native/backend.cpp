@@ -21,7 +21,7 @@
 #ifndef ROTARY_LLAMA_CPP_PYTHON_VERSION
 #error "ROTARY_LLAMA_CPP_PYTHON_VERSION must name the llama-cpp-python version the headers come from"
 #endif
-#define ROTARY_SCHED_ABI 2
+#define ROTARY_SCHED_ABI 3
 #define ROTARY_STR_(x) #x
 #define ROTARY_STR(x) ROTARY_STR_(x)
 
@@ -153,6 +153,7 @@ static ggml_status graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
     Scheduler & s = *state;
     s.graph_calls++;
     s.compute_serial++;
+    s.copier.pump(false);  // a defined point for the copy path's device calls: this thread, between splits
     int first = 0;
     for (int i = 0; i < graph->n_nodes; i++) {
         ggml_tensor * node = graph->nodes[i];
@@ -242,6 +243,12 @@ static Pending & pending() {
     return *instance;
 }
 
+static ggml_backend_buffer_type_t boundary_buffer_type() {
+    const Process & p = process();
+    ggml_backend_buffer_type_t pinned = p.gpu ? ggml_backend_dev_host_buffer_type(p.slot_dev) : nullptr;
+    return pinned ? pinned : ggml_backend_dev_buffer_type(p.cpu_dev);
+}
+
 static ggml_backend_t init_backend(ggml_backend_dev_t dev, const char *) {
     auto * context = new BackendContext;
     {
@@ -251,6 +258,10 @@ static ggml_backend_t init_backend(ggml_backend_dev_t dev, const char *) {
     context->device = { dev->iface, dev->reg, context->state.get() };
     if (context->state) {
         context->state->contexts++;
+        // A context is created after its model is loaded: from here the state's device reports the
+        // slot device's host (pinned) buffer type, so split-boundary copies are pinned (the loader
+        // saw the registered device, which always reports the CPU's own type).
+        context->state->boundary = boundary_buffer_type();
     }
     return new ggml_backend{ backend_guid(), kBackend, &context->device, context };
 }
@@ -281,9 +292,12 @@ static void device_props(ggml_backend_dev_t dev, ggml_backend_dev_props * props)
                     /* events */ false, /* mmap_support */ true };
 }
 
-// The very CPU buffer type llama.cpp uses, so that the loader keeps weights where it would put them.
-static ggml_backend_buffer_type_t device_buffer_type(ggml_backend_dev_t) {
-    return ggml_backend_dev_buffer_type(process().cpu_dev);
+// The registered device (no state: what the model loader sees) reports the very CPU buffer type llama.cpp
+// uses, so that the loader keeps weights where it would put them. A context's device (with a state) reports
+// the type its context was given (Scheduler::boundary): the GPU's pinned host type on a GPU.
+static ggml_backend_buffer_type_t device_buffer_type(ggml_backend_dev_t dev) {
+    const Scheduler * s = (const Scheduler *) dev->context;
+    return s && s->boundary ? s->boundary : ggml_backend_dev_buffer_type(process().cpu_dev);
 }
 
 // Host memory, and the CPU's repacking buffer types (llama.cpp's --repack path): the CPU side then computes
@@ -419,4 +433,54 @@ void rotary_sched_attach(rotary_sched_model * model) {
 
 int rotary_sched_model_contexts(const rotary_sched_model * model) {
     return model->state->contexts.load();
+}
+
+// Counts the routing of a batch the plugin does not claim (more than max_batch tokens) from its
+// ffn_moe_topk node, read on the compute thread where llama.cpp calls back (a blocking read on a GPU).
+bool rotary_sched_eval_callback(struct ggml_tensor * t, bool ask, void * user_data) {
+    auto * s = (Scheduler *) user_data;
+    if (!s || s->max_batch <= 0 || t->ne[1] <= s->max_batch || std::strncmp(t->name, "ffn_moe_topk-", 13) != 0
+        || t->type != GGML_TYPE_I32) {
+        return false;
+    }
+    auto found = s->layers.find(std::atoi(t->name + 13));
+    if (found == s->layers.end()) {
+        return false;
+    }
+    if (ask) {
+        return true;
+    }
+    Layer & layer = found->second;
+    std::vector<uint8_t> copy;
+    const uint8_t * data = (const uint8_t *) t->data;
+    if (!t->buffer || !ggml_backend_buffer_is_host(t->buffer)) {
+        copy.resize(ggml_nbytes(t));
+        s->traffic.call();
+        s->traffic.syncs++;
+        ggml_backend_tensor_get(t, copy.data(), 0, copy.size());
+        data = copy.data();
+    }
+    for (int64_t token = 0; token < t->ne[1]; token++) {
+        for (int64_t k = 0; k < t->ne[0]; k++) {
+            const int32_t e = *(const int32_t *) (data + token * t->nb[1] + k * t->nb[0]);
+            if (e < 0 || e >= layer.n_expert) {
+                continue;
+            }
+            layer.counts[e]++;
+            s->prompt_selections++;
+            if (s->recording) {
+                layer.routing.push_back(e);
+            }
+        }
+    }
+    return true;
+}
+
+void * rotary_sched_eval_data(rotary_sched_model * model) {
+    return model->state.get();
+}
+
+const char * rotary_sched_boundary_buffer_type(rotary_sched_model * model) {
+    const Scheduler & s = *model->state;
+    return s.boundary ? ggml_backend_buft_name(s.boundary) : "";
 }

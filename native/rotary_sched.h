@@ -7,7 +7,10 @@
 // created takes (rotary_sched_attach). A context created with no state attached claims no op.
 #pragma once
 
+#include <stdbool.h>
 #include <stdint.h>
+
+struct ggml_tensor;
 
 #define ROTARY_API __attribute__((visibility("default")))
 
@@ -34,6 +37,18 @@ typedef struct rotary_sched_stats_t {
     uint64_t device_bytes;   // slots, scratch and staging held on the device
     uint64_t stall_ns;       // nanoseconds commits waited for copies
     uint64_t commits;        // commits that had copies to wait for
+    uint64_t stalls;         // ... whose copies had not all reached staging yet
+    uint64_t device_syncs;   // blocking waits on a device stream (workers and copier)
+    uint64_t transfers;      // host <-> device copies issued (activations, ids, outputs, slot chunks)
+    uint64_t transfer_bytes;
+    uint64_t off_thread_calls;  // device calls made on the copier's thread (0 by design)
+    uint64_t host_allocs;    // staging allocations (pinned on a GPU), ever
+    uint64_t copy_chunks;    // chunks (<= 256 KiB) the copier moved from the file to staging
+    uint64_t copy_bytes;
+    uint64_t copy_ns;        // time the copier's thread spent copying them (its measured rate)
+    uint64_t resident_bytes; // copied by set_resident
+    uint64_t prompt_selections;  // counted by the eval callback (batches the plugin did not claim)
+    uint64_t staging_bytes;  // host staging held (pinned on a GPU)
 } rotary_sched_stats_t;
 
 // "rotary-sched <abi>; llama-cpp-python <version>; ggml backend API <n>": checked by Python at load.
@@ -85,6 +100,21 @@ ROTARY_API int64_t rotary_sched_take_routing(rotary_sched_model * model, int lay
 
 // Benchmarks only: substitute these ids (token-major, cycled) for the router's in this layer; n = 0 stops.
 ROTARY_API int rotary_sched_set_replay(rotary_sched_model * model, int layer, const int32_t * ids, int64_t n);
+
+// Tests: the bytes of one slot (every tensor of the layer, in order); returns the count.
+ROTARY_API int64_t rotary_sched_read_slot(rotary_sched_model * model, int layer, int slot, uint8_t * out,
+                                          int64_t capacity);
+
+// Prompt routing for batches the plugin does not claim (above set_max_batch): a llama.cpp eval callback
+// (ggml_backend_sched_eval_callback) that asks only for ffn_moe_topk nodes of such batches and counts
+// them as the plugin counts its own. Pass rotary_sched_eval_data(model) as its user data; the state
+// lives as long as a context holds it.
+ROTARY_API bool rotary_sched_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+ROTARY_API void * rotary_sched_eval_data(rotary_sched_model * model);
+
+// The buffer type a context holding this state was given for its split boundaries ("" before a context
+// exists): the GPU's pinned host type on a GPU, the CPU's own type on the stand-in.
+ROTARY_API const char * rotary_sched_boundary_buffer_type(rotary_sched_model * model);
 
 // Statistics since the last reset. Per layer, with counts[e]: selections of expert e (n_expert entries);
 // returns the layer's number of experts.

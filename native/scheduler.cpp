@@ -22,8 +22,10 @@ int layer_of(const char * name) {
     return std::sscanf(name, "blk.%d.", &layer) == 1 ? layer : -1;
 }
 
-void Worker::init(ggml_backend_t b) {
+void Worker::init(ggml_backend_t b, ggml_backend_buffer_type_t staging_type, DeviceCounters * counters) {
     backend = b;
+    staging_type_ = staging_type;
+    counters_ = counters;
     if (!b) {
         return;
     }
@@ -36,36 +38,55 @@ void Worker::release() {
         ggml_gallocr_free(galloc_);
     }
     galloc_ = nullptr;
+    staging_.release();
 }
 
 size_t Worker::scratch_bytes() const {
     return galloc_ ? ggml_gallocr_get_buffer_size(galloc_, 0) : 0;
 }
 
+static size_t aligned(size_t bytes) {
+    return (bytes + 255) & ~(size_t) 255;
+}
+
+// Gathers the pairs' input rows into staging memory and queues upload, compute and download on the
+// backend's stream: no wait here, so the caller's host work overlaps the device's.
 bool Worker::launch(const Chain & chain, const Pairs & pairs) {
     const ggml_tensor * src1 = chain.input;
     const int64_t k = src1->ne[0];
+    const int64_t m = chain.out->ne[0];
     const int64_t n = (int64_t) pairs.size();
-    rows_.resize(k * n);
+    const size_t in_bytes = k * n * sizeof(float), id_bytes = n * sizeof(int32_t), out_bytes = m * n * sizeof(float);
+    out_offset_ = aligned(in_bytes) + aligned(id_bytes);
+    // Grown to a power of two, so that decode never allocates again (a GPU's pinned allocation is slow).
+    size_t want = 1 << 16;
+    while (want < out_offset_ + out_bytes) {
+        want *= 2;
+    }
+    if (!staging_.ensure(want, staging_type_, counters_)) {
+        return false;
+    }
+    float * rows = (float *) staging_.data;
     for (int64_t p = 0; p < n; p++) {
         const char * row = (const char *) src1->data + (pairs.slot[p] % src1->ne[1]) * src1->nb[1]
                            + pairs.token[p] * src1->nb[2];
-        std::memcpy(&rows_[p * k], row, k * sizeof(float));
+        std::memcpy(&rows[p * k], row, k * sizeof(float));
     }
+    std::memcpy(staging_.data + aligned(in_bytes), pairs.id.data(), id_bytes);
     ggml_init_params params = { meta_.size(), meta_.data(), true };
     ctx_ = ggml_init(params);
     ggml_tensor * input = ggml_new_tensor_3d(ctx_, GGML_TYPE_F32, k, 1, n);
     ggml_tensor * ids = ggml_new_tensor_2d(ctx_, GGML_TYPE_I32, 1, n);
     ggml_set_input(input);
     ggml_set_input(ids);
-    ggml_tensor * rows = input;
+    ggml_tensor * x = input;
     if (chain.glu) {
         ggml_tensor * a = ggml_mul_mat_id(ctx_, chain.w_glu0, input, ids);
         ggml_tensor * b = ggml_mul_mat_id(ctx_, chain.w_glu1, input, ids);
-        rows = ggml_glu_split(ctx_, a, b, (ggml_glu_op) chain.glu->op_params[0]);
-        std::memcpy(rows->op_params, chain.glu->op_params, sizeof(rows->op_params));  // swapped, alpha, limit
+        x = ggml_glu_split(ctx_, a, b, (ggml_glu_op) chain.glu->op_params[0]);
+        std::memcpy(x->op_params, chain.glu->op_params, sizeof(x->op_params));  // swapped, alpha, limit
     }
-    out_ = ggml_mul_mat_id(ctx_, chain.w_out, rows, ids);
+    out_ = ggml_mul_mat_id(ctx_, chain.w_out, x, ids);
     ggml_set_output(out_);
     ggml_cgraph * graph = ggml_new_graph_custom(ctx_, 16, false);
     ggml_build_forward_expand(graph, out_);
@@ -79,20 +100,35 @@ bool Worker::launch(const Chain & chain, const Pairs & pairs) {
         ctx_ = nullptr;
         return false;
     }
-    ggml_backend_tensor_set(input, rows_.data(), 0, ggml_nbytes(input));
-    ggml_backend_tensor_set(ids, pairs.id.data(), 0, ggml_nbytes(ids));
-    return ggml_backend_graph_compute_async(backend, graph) == GGML_STATUS_SUCCESS;
+    if (counters_) {
+        counters_->transfer(in_bytes);
+        counters_->transfer(id_bytes);
+    }
+    ggml_backend_tensor_set_async(backend, input, staging_.data, 0, in_bytes);
+    ggml_backend_tensor_set_async(backend, ids, staging_.data + aligned(in_bytes), 0, id_bytes);
+    if (ggml_backend_graph_compute_async(backend, graph) != GGML_STATUS_SUCCESS) {
+        return false;
+    }
+    if (counters_) {
+        counters_->transfer(out_bytes);
+    }
+    ggml_backend_tensor_get_async(backend, out_, staging_.data + out_offset_, 0, out_bytes);
+    return true;
 }
 
+// The one wait of the worker's part of a block, then the rows into the node.
 void Worker::finish(ggml_tensor * node, const Pairs & pairs) {
-    ggml_backend_synchronize(backend);
+    if (counters_) {
+        counters_->sync(backend);
+    } else {
+        ggml_backend_synchronize(backend);
+    }
     const int64_t m = node->ne[0];
     const int64_t n = (int64_t) pairs.size();
-    rows_.resize(m * n);
-    ggml_backend_tensor_get(out_, rows_.data(), 0, m * n * sizeof(float));
+    const float * rows = (const float *) (staging_.data + out_offset_);
     for (int64_t p = 0; p < n; p++) {
         char * row = (char *) node->data + pairs.slot[p] * node->nb[1] + pairs.token[p] * node->nb[2];
-        std::memcpy(row, &rows_[p * m], m * sizeof(float));
+        std::memcpy(row, &rows[p * m], m * sizeof(float));
     }
     ggml_free(ctx_);
     ctx_ = nullptr;
@@ -125,15 +161,15 @@ bool Scheduler::start() {
         set_error("the scheduler is not registered");
         return false;
     }
-    host.init(ggml_backend_dev_init(p.cpu_dev, nullptr));
-    device.init(ggml_backend_dev_init(p.slot_dev, nullptr));
+    host.init(ggml_backend_dev_init(p.cpu_dev, nullptr), nullptr, nullptr);
+    device.init(ggml_backend_dev_init(p.slot_dev, nullptr), staging_type(), &traffic);
     copy_backend = p.gpu ? ggml_backend_dev_init(p.slot_dev, nullptr) : device.backend;  // a stream of its own
     if (!host.backend || !device.backend || !copy_backend) {
         const ggml_backend_dev_t failed = host.backend ? p.slot_dev : p.cpu_dev;
         set_error(std::string("cannot start a backend on ") + ggml_backend_dev_name(failed));
         return false;
     }
-    copier.start(this, copy_backend, p.gpu ? ggml_backend_dev_host_buffer_type(p.slot_dev) : nullptr);
+    copier.start(copy_backend, &traffic);
     return true;
 }
 
@@ -258,9 +294,26 @@ void Scheduler::replay(ggml_tensor * ids, Layer & layer) {
     layer.replay_call = compute_serial;
 }
 
+ggml_backend_buffer_type_t Scheduler::staging_type() const {
+    const Process & p = process();
+    return p.gpu ? ggml_backend_dev_host_buffer_type(p.slot_dev) : nullptr;
+}
+
+// One expert's blocks of every tensor of the layer, from the file into the slot (landed at the next drain).
+void Scheduler::copy_expert(const Layer & layer, int32_t expert, int32_t slot) {
+    for (int i : layer.tensors) {
+        const ExpertTensor & t = tensors[i];
+        const uint8_t * block = files[t.file].base + t.offset + (uint64_t) expert * t.expert_bytes;
+        copier.submit(t.slots, block, (size_t) slot * t.expert_bytes, t.expert_bytes);
+    }
+}
+
 // Wait for the admitted experts' copies and put them in the slot tables.
 void Scheduler::commit() {
-    stall_ns += copier.wait();
+    bool stalled = false;
+    const uint64_t waited = copier.drain(&stalled);
+    stall_ns += pending.empty() ? 0 : waited;
+    stalls += stalled && !pending.empty() ? 1 : 0;
     for (const CopyJob & job : pending) {
         Layer & layer = layers.at(job.layer);
         layer.slot_of_expert[job.expert] = job.slot;
@@ -281,7 +334,7 @@ void Scheduler::set_threads(int n_threads) {
 }
 
 size_t Scheduler::device_bytes() const {
-    size_t total = device.scratch_bytes() + copier.staging_bytes();
+    size_t total = device.scratch_bytes();
     for (const auto & entry : layers) {
         total += entry.second.buffer ? ggml_backend_buffer_get_size(entry.second.buffer) : 0;
     }

@@ -73,30 +73,90 @@ struct CopyJob {
     int32_t slot;
 };
 
-// Copies admitted experts from the file mapping into their slots on a thread of its own, through pinned
-// staging memory and the device's asynchronous copy on a backend (stream) of its own, so that the copies
-// overlap the model's compute; wait() returns once every submitted copy has landed.
+// What the plugin counts of its own device traffic (rotary_sched_stats_t), and the thread it expects every
+// device call on: the thread that calls graph_compute, commit and the residency functions.
+struct DeviceCounters {
+    uint64_t syncs = 0;            // blocking waits on a device stream (synchronize, blocking set/get)
+    uint64_t transfers = 0;        // host <-> device copies issued (activations, ids, outputs, slot chunks)
+    uint64_t transfer_bytes = 0;
+    uint64_t off_thread_calls = 0; // device calls made on the copier's thread (must stay 0)
+    uint64_t host_allocs = 0;      // staging buffers allocated (pinned on a GPU)
+    std::thread::id copier_thread;
+
+    void call() {
+        if (std::this_thread::get_id() == copier_thread) {
+            off_thread_calls++;
+        }
+    }
+    void sync(ggml_backend_t backend) {
+        call();
+        syncs++;
+        ggml_backend_synchronize(backend);
+    }
+    void transfer(size_t bytes) {
+        call();
+        transfers++;
+        transfer_bytes += bytes;
+    }
+};
+
+// Host memory for a worker or the copier: pinned (the device's host buffer type) on a GPU, plain on the
+// stand-in. Grows only when a larger size is asked for; allocated on the compute thread.
+struct HostBuffer {
+    ggml_backend_buffer_t buffer = nullptr;
+    std::vector<uint8_t> plain;
+    uint8_t * data = nullptr;
+    size_t size = 0;
+    bool ensure(size_t bytes, ggml_backend_buffer_type_t type, DeviceCounters * counters);
+    void release();
+};
+
+// Copies admitted experts from the file mapping into their slots, in chunks of at most kChunkBytes through
+// a ring of staging chunks allocated once (reserve, at slot set-up). Its thread only copies mmap -> staging;
+// every device call (the chunk's asynchronous copy to the slot, the wait for it) is made by pump() and
+// drain() on the compute thread, at defined points: inside the plugin's graph_compute and between decodes.
 struct Scheduler;
 class Copier {
   public:
-    void start(const Scheduler * owner, ggml_backend_t backend, ggml_backend_buffer_type_t staging_type);
+    static constexpr size_t kChunkBytes = 256 * 1024;
+    static constexpr int kChunks = 16;
+
+    void start(ggml_backend_t backend, DeviceCounters * counters);
     void stop();
-    void submit(const CopyJob & job);
-    uint64_t wait();  // nanoseconds spent waiting
-    size_t staging_bytes() const;
+    bool reserve(ggml_backend_buffer_type_t staging_type);  // the ring, once (compute thread)
+    void submit(ggml_tensor * slots, const uint8_t * source, size_t offset, size_t bytes);
+    void pump(bool wait_landed);  // compute thread: issue filled chunks; wait_landed: and wait for them
+    uint64_t drain(bool * stalled);  // compute thread: until every submitted byte has landed; ns spent
+    size_t staging_bytes() const { return ring_.size; }
+    uint64_t copy_ns() const { return copy_ns_; }
+    uint64_t copy_bytes() const { return copy_bytes_; }
+    uint64_t chunks() const { return chunks_; }
+    void reset_stats() { copy_ns_ = copy_bytes_ = chunks_ = 0; }
 
   private:
+    enum State { kFree, kFilled, kIssued };
+    struct Task {
+        ggml_tensor * slots;
+        const uint8_t * source;
+        size_t offset, bytes;
+    };
+    struct Chunk {
+        State state = kFree;
+        ggml_tensor * slots = nullptr;
+        size_t offset = 0, bytes = 0;
+    };
     void run();
-    void copy(const std::vector<CopyJob> & jobs);
     std::thread thread_;
     std::mutex mutex_;
-    std::condition_variable wake_, done_;
-    std::vector<CopyJob> queue_;
-    bool busy_ = false, quit_ = false;
-    const Scheduler * owner_ = nullptr;  // its layers, tensors and files
+    std::condition_variable wake_, filled_;
+    std::vector<Task> queue_;
+    size_t next_task_ = 0;
+    bool filling_ = false, quit_ = false;
+    std::vector<Chunk> chunk_;
+    HostBuffer ring_;
     ggml_backend_t backend_ = nullptr;
-    ggml_backend_buffer_type_t staging_type_ = nullptr;
-    ggml_backend_buffer_t staging_ = nullptr;
+    DeviceCounters * counters_ = nullptr;
+    std::atomic<uint64_t> copy_ns_{ 0 }, copy_bytes_{ 0 }, chunks_{ 0 };
 };
 
 // (token, expert) pairs of one MUL_MAT_ID: row `slot` of token `token`, computed with matrix `id`.
@@ -119,15 +179,17 @@ struct Chain {
     ggml_tensor * w_glu1 = nullptr;       // ... and glu->src[1]
 };
 
-// Computes a subset of the pairs on one backend: gathers their input rows, runs the chain over a
-// matrix stack (the model's or the slots), and scatters the output rows back.
+// Computes a subset of the pairs on one backend: gathers their input rows into its staging memory, queues
+// the upload, the chain over a matrix stack (the model's or the slots) and the download on the backend's
+// stream (launch), and after one synchronization scatters the output rows back (finish).
 class Worker {
   public:
-    void init(ggml_backend_t backend);
+    void init(ggml_backend_t backend, ggml_backend_buffer_type_t staging_type, DeviceCounters * counters);
     void release();
     bool launch(const Chain & chain, const Pairs & pairs);
     void finish(ggml_tensor * node, const Pairs & pairs);
     size_t scratch_bytes() const;
+    size_t staging_bytes() const { return staging_.size; }
     ggml_backend_t backend = nullptr;
 
   private:
@@ -135,7 +197,10 @@ class Worker {
     std::vector<uint8_t> meta_;
     ggml_context * ctx_ = nullptr;
     ggml_tensor * out_ = nullptr;
-    std::vector<float> rows_;
+    HostBuffer staging_;  // input rows, ids, output rows
+    size_t out_offset_ = 0;
+    ggml_backend_buffer_type_t staging_type_ = nullptr;
+    DeviceCounters * counters_ = nullptr;  // nullptr: the host worker (no device traffic)
 };
 
 // Set once by rotary_sched_register, shared by every model's state.
@@ -155,10 +220,14 @@ struct Scheduler {
     Worker device, host;
     ggml_backend_t copy_backend = nullptr;  // the device's second stream (the device worker's own on a CPU)
     Copier copier;
+    DeviceCounters traffic;
     std::vector<CopyJob> pending;  // admitted, copying: enter the slot table at the next commit
     bool recording = false;
-    uint64_t stall_ns = 0, commits = 0;
+    uint64_t stall_ns = 0, commits = 0, stalls = 0;
+    uint64_t prompt_selections = 0;
+    uint64_t resident_bytes = 0;     // copied by set_resident (slots whose expert changed)  // counted by the eval callback, for batches the plugin does not claim
     int max_batch = 0;
+    ggml_backend_buffer_type_t boundary = nullptr;  // what a context's device reports (set when one is made)
     std::atomic<int> contexts{ 0 };  // backends holding the state
 
     std::vector<MappedFile> files;
@@ -182,6 +251,8 @@ struct Scheduler {
     void count(const ggml_tensor * ids, Layer & layer);
     void replay(ggml_tensor * ids, Layer & layer);
     void commit();
+    void copy_expert(const Layer & layer, int32_t expert, int32_t slot);  // through the copier
+    ggml_backend_buffer_type_t staging_type() const;  // pinned host memory on a GPU, nullptr on the stand-in
     void set_threads(int n_threads);
     size_t device_bytes() const;
 };

@@ -20,7 +20,7 @@ from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 
 LIBRARY_NAME = "librotary_sched.so"
-ABI = 2
+ABI = 3
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _model = ctypes.c_void_p  # rotary_sched_model *
@@ -38,12 +38,17 @@ class _LayerStats(ctypes.Structure):
                 ("device_pairs", "host_pairs", "admissions", "evictions", "bytes_copied")]
 
 
+_STATS_FIELDS = ("graph_calls", "split_matmuls", "device_bytes", "stall_ns", "commits", "stalls", "device_syncs",
+                 "transfers", "transfer_bytes", "off_thread_calls", "host_allocs", "copy_chunks", "copy_bytes",
+                 "copy_ns", "resident_bytes", "prompt_selections", "staging_bytes")
+
+
 class _Stats(ctypes.Structure):
     """typedef struct rotary_sched_stats_t { uint64_t graph_calls, split_matmuls, device_bytes, stall_ns,
-    commits; } rotary_sched_stats_t;"""
+    commits, stalls, device_syncs, transfers, transfer_bytes, off_thread_calls, host_allocs, copy_chunks,
+    copy_bytes, copy_ns, resident_bytes, prompt_selections, staging_bytes; } rotary_sched_stats_t;"""
 
-    _fields_ = [(name, ctypes.c_uint64) for name in
-                ("graph_calls", "split_matmuls", "device_bytes", "stall_ns", "commits")]
+    _fields_ = [(name, ctypes.c_uint64) for name in _STATS_FIELDS]
 
 
 def _int32s(values: list[int]) -> ctypes.Array:
@@ -107,6 +112,23 @@ class SchedulerStats:
     device_bytes: int  # slots, scratch and staging held on the device
     stall_ns: int  # nanoseconds commits waited for copies (copy stalls)
     commits: int  # commits that had copies to wait for
+    stalls: int = 0  # ... whose copies had not all reached staging yet
+    device_syncs: int = 0  # blocking waits on a device stream (workers and copier)
+    transfers: int = 0  # host <-> device copies issued (activations, ids, outputs, slot chunks)
+    transfer_bytes: int = 0
+    off_thread_calls: int = 0  # device calls made on the copier's thread (0 by design)
+    host_allocs: int = 0  # staging allocations (pinned on a GPU), ever
+    copy_chunks: int = 0  # chunks (<= 256 KiB) the copier moved from the file to staging
+    copy_bytes: int = 0
+    copy_ns: int = 0  # time the copier's thread spent on them
+    resident_bytes: int = 0  # copied by set_resident
+    prompt_selections: int = 0  # counted by the eval callback (batches the plugin did not claim)
+    staging_bytes: int = 0  # host staging held (pinned on a GPU)
+
+    @property
+    def copy_gbs(self) -> float | None:
+        """The copier's measured rate (file mapping -> staging), GB/s; None before it copied anything."""
+        return self.copy_bytes / self.copy_ns if self.copy_ns else None
 
 
 _DECLARATIONS = (
@@ -154,6 +176,16 @@ _DECLARATIONS = (
     #                              uint64_t * counts, int n_expert);
     ("rotary_sched_layer_stats", ctypes.c_int, [_model, ctypes.c_int, ctypes.POINTER(_LayerStats), _u64p,
                                                 ctypes.c_int]),
+    # int64_t rotary_sched_read_slot(rotary_sched_model * model, int layer, int slot, uint8_t * out,
+    #                                int64_t capacity);
+    ("rotary_sched_read_slot", ctypes.c_int64, [_model, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                                ctypes.c_int64]),
+    # bool rotary_sched_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+    ("rotary_sched_eval_callback", ctypes.c_bool, [ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p]),
+    # void * rotary_sched_eval_data(rotary_sched_model * model);
+    ("rotary_sched_eval_data", ctypes.c_void_p, [_model]),
+    # const char * rotary_sched_boundary_buffer_type(rotary_sched_model * model);
+    ("rotary_sched_boundary_buffer_type", ctypes.c_char_p, [_model]),
     # void rotary_sched_stats(rotary_sched_model * model, rotary_sched_stats_t * out);
     ("rotary_sched_stats", None, [_model, ctypes.POINTER(_Stats)]),
     # void rotary_sched_reset_stats(rotary_sched_model * model);
@@ -313,7 +345,25 @@ class ModelScheduler:
         commits waited for copies (copy stalls) and commits that had copies pending."""
         out = _Stats()
         self._call("stats", ctypes.byref(out))
-        return SchedulerStats(out.graph_calls, out.split_matmuls, out.device_bytes, out.stall_ns, out.commits)
+        return SchedulerStats(*(getattr(out, name) for name in _STATS_FIELDS))
+
+    def read_slot(self, layer: int, slot: int, nbytes: int) -> bytes:
+        """Tests: the bytes one slot holds (every expert tensor of the layer, in order)."""
+        out = ctypes.create_string_buffer(nbytes)
+        n = self._call("read_slot", layer, slot, out, nbytes)
+        return out.raw[:n]
+
+    def eval_callback(self) -> tuple[int, int | None]:
+        """(address of the C eval callback that counts prompt routing for batches the plugin does not
+        claim, its user data): for llama_context_params.cb_eval / cb_eval_user_data."""
+        fn = ctypes.cast(self._plugin._lib.rotary_sched_eval_callback, ctypes.c_void_p).value
+        return fn, self._call("eval_data")
+
+    @property
+    def boundary_buffer_type(self) -> str:
+        """The buffer type the model's context gave its split boundaries ("" before a context exists):
+        the GPU's pinned host type on a GPU, "CPU" on the stand-in."""
+        return self._call("boundary_buffer_type").decode()
 
     def reset_stats(self) -> None:
         self._call("reset_stats")

@@ -142,7 +142,7 @@ def make_policy(name: str, layers: dict[int, LayerShape], prior: dict[int, np.nd
 def _in_place(chosen: list[int], current: np.ndarray) -> list[int]:
     """The chosen experts in slot order, those already resident left in their slots, so that only the
     newcomers are copied (a request's seeding moves what changed, not every slot)."""
-    if len(chosen) != len(current):
+    if len(chosen) != len(current) or len(set(chosen)) != len(chosen):
         return chosen
     stay = set(chosen) & set(current.tolist())
     newcomers = iter(e for e in chosen if e not in stay)
@@ -214,10 +214,12 @@ class Rotator:
             counts = np.bincount(ids, minlength=shape.n_expert)
             resident = self.slot_of[layer] >= 0
             order = np.lexsort((np.arange(shape.n_expert), ~resident, -counts))
-            self.set_resident(layer, _in_place([int(e) for e in order[: shape.n_slots]], self.expert_in[layer]))
+            self.set_resident(layer, [int(e) for e in order[: shape.n_slots]])
 
     def set_resident(self, layer: int, chosen: list[int]) -> None:
-        """Fill a layer's slots with these experts, in slot order (a synchronous copy)."""
+        """Fill a layer's slots with these experts (a synchronous copy): those already resident stay in their
+        slots, the others take the remaining slots in the order given, so only newcomers are copied."""
+        chosen = _in_place(list(chosen), self.expert_in[layer][: len(chosen)])
         self.backend.set_resident(layer, chosen)
         self.slot_of[layer][:] = -1
         self.slot_of[layer][chosen] = np.arange(len(chosen))
@@ -382,6 +384,7 @@ class Rotation:
         # (Prompt seeding needs it too, unless no layer has slots or every expert is resident.)
         self.recording = bool(rotate or trace or observer or any(0 < s.n_slots < s.n_expert for s in layers.values()))
         self.fixed_budget, self.pcie_gbs = budget_bytes, pcie_gbs
+        self.copy_gbs: float | None = None  # the copier's measured rate, once it has copied
         self.token_seconds: float | None = None
         self._last = 0.0
         self.rotator = Rotator(layers, make_policy(policy, layers, prior), self.budget, PluginSlots(plugin))
@@ -395,11 +398,19 @@ class Rotation:
         return {layer: s.n_slots for layer, s in self.layers.items() if s.n_slots}
 
     def budget(self) -> int | None:
+        """Bytes that may be copied after this token: COPY_BUDGET_SHARE of what the slower of the PCIe link
+        (profile) and the copier's measured rate (file mapping -> staging) moves in one token time."""
         if self.fixed_budget is not None:
             return self.fixed_budget
         if not self.pcie_gbs or self.token_seconds is None:
             return None
-        return int(COPY_BUDGET_SHARE * self.pcie_gbs * 1e9 * self.token_seconds)
+        rate = min(self.pcie_gbs, self.copy_gbs) if self.copy_gbs else self.pcie_gbs
+        return int(COPY_BUDGET_SHARE * rate * 1e9 * self.token_seconds)
+
+    def _measure_copier(self) -> None:
+        stats = self.plugin.stats()
+        if stats.copy_ns:  # since the last reset (each request); kept from earlier requests until it copies
+            self.copy_gbs = stats.copy_gbs
 
     def seed_from_popularity(self, popularity: dict[int, np.ndarray]) -> None:
         """Before any request: each layer's slots take its most popular experts over the calibration set."""
@@ -443,6 +454,7 @@ class Rotation:
         routing = self._take()
         self._record("decode", routing)
         if self.rotate:
+            self._measure_copier()
             self.rotator.after_token(routing)
         self._last = time.perf_counter()
 

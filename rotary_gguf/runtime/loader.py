@@ -27,6 +27,7 @@ from rotary_gguf.runtime.llama import (
     rss_bytes,
 )
 from rotary_gguf.runtime.options import EngineOptions
+from rotary_gguf.runtime.scheduler import take_eval_callback
 
 
 class _Override(ctypes.Structure):
@@ -73,13 +74,35 @@ def _llama_construction(overrides: ctypes.Array | None, repack: bool) -> Iterato
         def to_chat_handler(self) -> Any:
             return lambda *args, **kw: eager(**self._kwargs).to_chat_handler()(*args, **kw)
 
+    original_context = module.llama_context_default_params
+    callback = _eval_callback(module)
+
+    def context_params() -> Any:
+        # Llama() builds its own context params: the rotary plugin's routing callback rides in on them.
+        params = original_context()
+        if callback is not None and not params.cb_eval:
+            params.cb_eval, params.cb_eval_user_data = callback
+        return params
+
     module.llama_model_default_params = default_params
+    module.llama_context_default_params = context_params
     formatters.Jinja2ChatFormatter = LazyFormatter
     try:
         yield
     finally:
         module.llama_model_default_params = original
+        module.llama_context_default_params = original_context
         formatters.Jinja2ChatFormatter = eager
+
+
+def _eval_callback(module: Any) -> tuple[Any, ctypes.c_void_p] | None:
+    """The scheduler plugin's eval callback for the context about to be created (rotary placements with a
+    prompt-batch threshold: it counts the routing of batches the plugin leaves to llama.cpp)."""
+    taken = take_eval_callback()
+    if taken is None:
+        return None
+    address, data = taken
+    return module.ggml_backend_sched_eval_callback(address), ctypes.c_void_p(data)
 
 
 @dataclass

@@ -79,7 +79,10 @@ def open_scheduler(index: ModelIndex, placement: Placement, profile: Profile, op
     its slots allocated and, with a calibration, seeded with the most popular experts; and the rotation
     that moves them. Close with close_scheduler()."""
     plugin = scheduler_plugin("cpu" if options.routing_only else None)
-    model = plugin.open_model(index, max_batch=_max_batch(options))
+    max_batch = _max_batch(options)
+    model = plugin.open_model(index, max_batch=max_batch)
+    # Batches above max_batch are llama.cpp's own: the next context counts their routing by an eval callback.
+    _state["eval_callback"] = model.eval_callback() if max_batch > 0 else None
     try:
         layers = {layer: LayerShape(model.n_expert(layer), index.params.n_expert_used, model.set_slots(layer, n),
                                     index.slot_bytes(layer)) for layer, n in placement.expert_slots}
@@ -94,9 +97,16 @@ def open_scheduler(index: ModelIndex, placement: Placement, profile: Profile, op
             if shape.n_slots >= shape.n_expert and not (popularity and layer in popularity):
                 rotation.rotator.set_resident(layer, list(range(shape.n_expert)))
     except BaseException:
+        _state["eval_callback"] = None
         model.close()
         raise
     return rotation
+
+
+def take_eval_callback() -> tuple[int, int | None] | None:
+    """The eval callback (C function address, user data) the next llama context must be created with so
+    that the plugin counts the routing of batches it does not claim, or None; taken once (loader)."""
+    return _state.pop("eval_callback", None)
 
 
 def close_scheduler(rotation: Rotation) -> None:
