@@ -300,3 +300,14 @@ def test_refused_families_are_one_line_and_write_nothing(family_checkpoints, tmp
     out = CliRunner().invoke(main, ["convert", str(folder), "-o", str(tmp_path / "out.gguf")])
     assert out.exit_code == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert not list(tmp_path.glob("out.gguf*"))
+
+
+def test_qwen35_fused_experts_that_contradict_the_config_are_one_line(qwen35_release, tmp_path):
+    folder = Path(shutil.copytree(qwen35_release, tmp_path / "hf"))
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["moe_intermediate_size"] = 48
+    (folder / "config.json").write_text(json.dumps(config))
+    out = CliRunner().invoke(main, ["convert", str(folder), "-o", str(tmp_path / "out.gguf")])
+    message = "layers.0.mlp.experts.down_proj: shape [8, 64, 32]; config.json implies [8, 64, 48]"
+    assert out.exit_code == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not list(tmp_path.glob("out.gguf*"))

@@ -100,12 +100,12 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
     reshape = getattr(module, "reshape", None)
     skipped = 0
     for name, t in tensors.items():
-        for part_name, shape, expert in (derive(name, t, cfg) if derive else None) or ():
-            new = names.get_name(part_name, try_suffixes=(".weight", ".bias"))
-            if new is None:
-                raise ConvertError(f"{part_name}: no GGUF name for {cfg.model_type}")
-            out.append(OutTensor(new, (t,), True, _qtype(new, shape, target), Derived(shape, expert)))
-        if derive and derive(name, t, cfg):
+        if parts := (derive(name, t, cfg) if derive else None):
+            for part_name, shape, expert in parts:
+                new = names.get_name(part_name, try_suffixes=(".weight", ".bias"))
+                if new is None:
+                    raise ConvertError(f"{part_name}: no GGUF name for {cfg.model_type}")
+                out.append(OutTensor(new, (t,), True, _qtype(new, shape, target), Derived(shape, expert)))
             continue
         known = rename(name, cfg) if rename else name
         if known is None:
@@ -123,7 +123,26 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
         shape = reshape(name, t.shape, cfg) if reshape else t.shape
         reshaped = shape if shape != t.shape else None
         out.append(OutTensor(new, (t,), False, _qtype(new, shape, target), reshaped=reshaped))
-    n_expert = cfg.n_expert
+    out += _stacked_experts(cfg, module, names, experts, n_layer, target)
+    if skipped:
+        log.info("skipping %d tensors of the vision/audio towers: the GGUF holds the text model only", skipped)
+    for new, array in getattr(module, "generate", lambda cfg: [])(cfg):
+        out.append(OutTensor(new, (), False, _qtype(new, array.shape, target), generated=array))
+    left += [f"layer {layer} {proj} experts" for layer, proj in experts]
+    if left:
+        raise ConvertError(f"{len(left)} checkpoint tensors not converted (unknown names for {cfg.model_type}): "
+                           + ", ".join(sorted(left)[:5]) + (" ..." if len(left) > 5 else ""))
+    if not any(t.stacked for t in out):
+        raise ConvertError(f"no routed-expert tensors matched {module.EXPERT}: not a MoE checkpoint")
+    return out
+
+
+def _stacked_experts(cfg: HFConfig, module: ModuleType, names: gguf.TensorNameMap,
+                     experts: dict[tuple[int, str], dict[int, StoredTensor]], n_layer: int,
+                     target: gguf.GGMLQuantizationType) -> list[OutTensor]:
+    """One 3-D tensor per layer and projection from the per-expert tensors (taken out of `experts`; what is
+    left there was not converted), each group checked against the config's expert count and shapes."""
+    n_expert, out = cfg.n_expert, []
     ff, hidden = int(cfg.require("moe_intermediate_size", "intermediate_size")), int(cfg.require("hidden_size"))
     for layer in range(n_layer):
         for proj in module.PROJECTIONS:
@@ -139,16 +158,6 @@ def plan_tensors(cfg: HFConfig, module: ModuleType, tensors: dict[str, StoredTen
             stacked = [group[e] for e in range(n_expert)]
             new = names.get_name(module.STACKED.format(layer=layer, proj=proj), try_suffixes=(".weight",))
             out.append(OutTensor(new, tuple(stacked), True, _qtype(new, (n_expert, *stacked[0].shape), target)))
-    if skipped:
-        log.info("skipping %d tensors of the vision/audio towers: the GGUF holds the text model only", skipped)
-    for new, array in getattr(module, "generate", lambda cfg: [])(cfg):
-        out.append(OutTensor(new, (), False, _qtype(new, array.shape, target), generated=array))
-    left += [f"layer {layer} {proj} experts" for layer, proj in experts]
-    if left:
-        raise ConvertError(f"{len(left)} checkpoint tensors not converted (unknown names for {cfg.model_type}): "
-                           + ", ".join(sorted(left)[:5]) + (" ..." if len(left) > 5 else ""))
-    if not any(t.stacked for t in out):
-        raise ConvertError(f"no routed-expert tensors matched {module.EXPERT}: not a MoE checkpoint")
     return out
 
 

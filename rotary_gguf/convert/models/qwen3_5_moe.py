@@ -151,11 +151,12 @@ def derive(name: str, t: StoredTensor, cfg: HFConfig) -> list[tuple[str, tuple[i
     if known is None:
         return None
     prefix = f"{known}.experts."
+    n, ff, hidden = cfg.n_expert, int(cfg.require("moe_intermediate_size")), int(cfg.require("hidden_size"))
+    expected = (n, hidden, ff) if kind == "down_proj" else (n, 2 * ff, hidden)
+    if t.shape != expected:
+        raise ConvertError(f"{name}: shape {list(t.shape)}; config.json implies {list(expected)} "
+                           f"({'experts, hidden, ff' if kind == 'down_proj' else 'experts, 2 x ff, hidden'})")
     if kind == "down_proj":
         return [(prefix + "down_proj.weight", t.shape, _part(t, lambda x: x))]
-    n, two_ff, hidden = t.shape if len(t.shape) == 3 else (0, 1, 0)
-    if two_ff % 2:
-        raise ConvertError(f"{name}: shape {list(t.shape)} is not [experts, 2 x ff, hidden]")
-    ff = two_ff // 2
     return [(prefix + "gate_proj.weight", (n, ff, hidden), _part(t, lambda x: x[:ff])),
             (prefix + "up_proj.weight", (n, ff, hidden), _part(t, lambda x: x[ff:]))]
