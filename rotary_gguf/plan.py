@@ -327,25 +327,30 @@ def _plan_rotary(index: ModelIndex, budget: int, fixed: tuple[int, int, int, int
 
 
 def _plan_dense(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> Placement:
-    """A dense model runs with whole layers on the GPU (llama.cpp's n_gpu_layers), as many as fit."""
+    """A dense model runs with whole layers on the GPU (llama.cpp's n_gpu_layers), as many as fit; each layer
+    brings its own KV cache and state (index.layer_memory)."""
     p = index.params
     all_bytes = sum(index.loaded_bytes_by_class.values())
     compute = compute_buffer_bytes(index, ctx, profile.ubatch, profile.flash_attention)
-    kv_layer = kv_cache_bytes(index, ctx, profile.kv_cache_type, n_layers=1)
+    kv_to = [kv_cache_bytes(index, ctx, profile.kv_cache_type, n_layers=n, flash_attention=profile.flash_attention)
+             for n in range(p.n_layer + 1)]
+    memory = [kv_to[i + 1] - kv_to[i] + m.recurrent_bytes + m.compressor_bytes
+              for i, m in enumerate(index.layer_memory)]
     room = budget - compute - profile.gpu_overhead_bytes - index.loaded_bytes_by_class[TensorClass.OUTPUT_HEAD.value]
     n_gpu, gpu_bytes = 0, 0
     if profile.has_gpu and budget > 0:
         for layer in range(p.n_layer):
-            size = sum(index.bytes_by_layer.get(layer, {}).values()) + kv_layer
+            size = sum(index.bytes_by_layer.get(layer, {}).values()) + memory[layer]
             if size > room:
                 break
             room -= size
-            n_gpu, gpu_bytes = n_gpu + 1, gpu_bytes + size - kv_layer
+            n_gpu, gpu_bytes = n_gpu + 1, gpu_bytes + size - memory[layer]
     on_gpu = n_gpu > 0
+    layers = n_gpu if on_gpu else p.n_layer
     return Placement(strategy="layer-fill", profile=profile.name, dense=True, vram_budget_bytes=budget if on_gpu else 0,
                      ctx=ctx, kv_cache_type=profile.kv_cache_type, n_layer=p.n_layer, n_gpu_layers=n_gpu,
-                     gpu_weight_bytes=gpu_bytes, kv_bytes=kv_layer * (n_gpu if on_gpu else p.n_layer),
-                     compute_bytes=compute if on_gpu else 0,
+                     gpu_weight_bytes=gpu_bytes, kv_bytes=kv_to[layers],
+                     state_bytes=sum(memory[:layers]) - kv_to[layers], compute_bytes=compute if on_gpu else 0,
                      overhead_bytes=profile.gpu_overhead_bytes if on_gpu else 0, gpu_expert_layers=(),
                      gpu_expert_bytes=0, host_weight_bytes=all_bytes - gpu_bytes, host_compute_bytes=compute,
                      overrides=())

@@ -182,3 +182,17 @@ def test_real_shape_hybrid_memory(tmp_path, write_gguf):
     placement = plan_placement(index, LAPTOP, strategy="rotary", ctx=4096)
     assert placement.kv_bytes == 80 * 2**20 and placement.state_bytes == recurrent_state_bytes(index)
     assert [layer for layer, _ in placement.expert_slots] == [0]
+
+
+def test_dense_hybrid_layers_bring_their_own_memory(tmp_path, write_gguf):
+    """A dense hybrid model: each layer on the GPU brings its KV cache or its recurrent state, not the first
+    layer's KV times the layers."""
+    weights = [(f"blk.{i}.ffn_up.weight", np.zeros((64, 64), np.float32)) for i in range(4)]
+    path = write_gguf(tmp_path / "dense-hybrid.gguf", "qwen35", weights, block_count=4, embedding_length=64,
+                      head_count=4, head_count_kv=2, key_length=32, value_length=32, full_attention_interval=4,
+                      ssm_conv_kernel=4, ssm_inner_size=64, ssm_state_size=16, ssm_group_count=2)
+    index = open_index(path)
+    every = plan_placement(index, replace(LAPTOP, gpu_overhead_bytes=0), vram_budget=64 * 2**20, ctx=1024)
+    assert every.dense and every.n_gpu_layers == 4
+    assert every.kv_bytes == kv_cache_bytes(index, 1024, "f16") == 2 * 64 * 2 * 1024
+    assert every.state_bytes == recurrent_state_bytes(index) == 3 * 4 * (3 * (64 + 2 * 2 * 16) + 16 * 64)
