@@ -184,6 +184,8 @@ def _data(t: OutTensor, cfg: HFConfig, module: ModuleType, pool: ThreadPoolExecu
     if t.generated is not None:
         return gguf.quants.quantize(t.generated, t.qtype)
     transform = getattr(module, "transform", None)
+    if transform is not None and not getattr(module, "rewrites", lambda name: True)(t.sources[0].name):
+        transform = None  # the module leaves this tensor as stored: convert it in pieces
     if transform is not None and not t.stacked:  # a rewrite of the whole tensor (q/k permutation)
         return gguf.quants.quantize(transform(t.sources[0].name, read_tensor(t.sources[0]), cfg), t.qtype)
     pieces = _pieces(t)

@@ -126,6 +126,11 @@ def reshape(name: str, shape: tuple[int, ...], cfg: HFConfig) -> tuple[int, ...]
     return tuple(n for n in shape if n != 1) if ".conv1d" in name else shape
 
 
+def rewrites(name: str) -> bool:
+    """Whether transform() changes the tensor (the rest, embeddings and experts included, convert in pieces)."""
+    return "linear_attn." in name or "norm" in name  # the MTP pre_fc_norm_* too
+
+
 def transform(name: str, data: np.ndarray, cfg: HFConfig) -> np.ndarray:
     name = rename(name, cfg) or name  # the MTP norms (pre_fc_norm_* -> enorm, hnorm) get the + 1 as well
     if ".conv1d" in name:
