@@ -161,13 +161,14 @@ def _transformers_logits(folder: Path, model_type: str) -> np.ndarray:
         return model(torch.tensor([IDS])).logits[0, -1].numpy()
 
 
-# Runs scripts/reference_convert.py once per "qtype,outfile[,extra...]" argument in one process (torch and the
-# converter are imported once per checkpoint, not once per output type).
+# Runs scripts/reference_convert.py once per "folder,qtype,outfile[,extra...]" argument in one process (torch
+# and the converter are imported once). `--no-mtp` sets a class attribute of the converter for the rest of
+# the process, so those runs go last.
 _REFERENCE_RUNS = """
 import runpy, sys
-script, root, folder = sys.argv[1:4]
-for spec in sys.argv[4:]:
-    qtype, out, *extra = spec.split(",")
+script, root = sys.argv[1:3]
+for spec in sys.argv[3:]:
+    folder, qtype, out, *extra = spec.split(",")
     sys.argv = [script, root, folder, "--outtype", qtype, "--outfile", out, *extra]
     try:
         runpy.run_path(script, run_name="__main__")
@@ -180,19 +181,20 @@ QTYPES = ("f16", "q8_0")
 
 @pytest.fixture(scope="module")
 def references(reference_converter, checkpoint, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """(family, qtype) -> the checkpoint converted by llama.cpp's convert_hf_to_gguf.py; the families convert
-    in parallel processes. The multimodal release is converted with llama.cpp's defaults (MTP kept)."""
+    """(family, qtype) -> the checkpoint converted by llama.cpp's convert_hf_to_gguf.py, in two parallel
+    processes. The multimodal releases are converted with llama.cpp's defaults (MTP kept)."""
     folder = tmp_path_factory.mktemp("references")
     outs = {(family, q): folder / f"{family}-{q}.gguf" for family in ALL for q in QTYPES}
-    runs = {}
-    for family in ALL:
-        specs = [",".join([q, str(outs[(family, q)]), *FAMILIES.get(family, [])]) for q in QTYPES]
-        command = [sys.executable, "-c", _REFERENCE_RUNS, str(REFERENCE), str(reference_converter),
-                   str(checkpoint(family)), *specs]
-        runs[family] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for family, run in runs.items():
+    jobs = sorted(outs, key=lambda job: bool(FAMILIES.get(job[0])))  # the ones with arguments last
+    runs = []
+    for share in (jobs[0::2], jobs[1::2]):
+        specs = [",".join([str(checkpoint(family)), q, str(outs[(family, q)]), *FAMILIES.get(family, [])])
+                 for family, q in share]
+        command = [sys.executable, "-c", _REFERENCE_RUNS, str(REFERENCE), str(reference_converter), *specs]
+        runs.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    for run in runs:
         _, err = run.communicate()
-        assert run.returncode == 0, f"{family}: {err[-2000:]}"
+        assert run.returncode == 0, err[-2000:]
     return outs
 
 
