@@ -5,6 +5,7 @@ buffer type; and `gpu`-marked variants of the equality tests with stated toleran
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -202,3 +203,43 @@ def test_gpu_boundary_buffer_is_pinned(wide_arch_models, load):
     model = load(wide_arch_models[("qwen3moe", "q8_0")], "rotary", 3)
     assert model.rotation.plugin.boundary_buffer_type.endswith("_Host")
     assert model.rotation.plugin.stats().off_thread_calls == 0
+
+
+# The per-token cost model behind `rotary plan --json` candidates and --placement auto.
+
+def test_plan_json_has_candidates_and_auto_follows_them(real_shapes_header):
+    from click.testing import CliRunner
+
+    from rotary_gguf.cli import main
+
+    args = ["plan", str(real_shapes_header), "--profile", "rtx4060-laptop-8gb", "--json"]
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 0, plain.output
+    listed = json.loads(plain.stdout)["candidates"]
+    assert [c["placement"] for c in listed] == ["layer-fill", "experts-on-host", "rotary"]
+    assert all(c["predicted_decode_tok_s"] > 0 for c in listed)
+    rotary = listed[2]
+    assert 0 < rotary["hit_rate"] <= 1 and rotary["break_even_hit_rate"] >= 0
+    auto = CliRunner().invoke(main, [*args, "--placement", "auto"])
+    assert auto.exit_code == 0, auto.output
+    best = max(listed, key=lambda c: (c["predicted_decode_tok_s"], c["placement"] != "rotary"))
+    assert json.loads(auto.stdout)["strategy"] == best["placement"]
+    assert "note: auto: " + best["placement"] in auto.stderr
+
+
+def test_rotary_is_chosen_only_above_its_break_even(real_shapes_header):
+    from rotary_gguf import cost
+
+    index = open_index(real_shapes_header)
+    placement = prepare(real_shapes_header, GPU_PROFILE, "rotary", EngineOptions(), runnable=False).placement
+    listed = cost.candidates(index, GPU_PROFILE)
+    rotary = listed[2]
+    best_other = max(c.predicted_decode_tok_s for c in listed[:2])
+    assert rotary.break_even_hit_rate is not None
+    above = cost.predict_decode_tok_s(index, placement, GPU_PROFILE, min(1.0, rotary.break_even_hit_rate + 0.05))
+    below = cost.predict_decode_tok_s(index, placement, GPU_PROFILE, max(0.0, rotary.break_even_hit_rate - 0.05))
+    assert below < best_other < above
+    faster = (*listed[:2], cost.Candidate("rotary", best_other * 1.1, 0.9, rotary.break_even_hit_rate))
+    assert cost.choose(faster)[0] == "rotary"
+    assert cost.choose(faster, rotary_runs=False)[0] != "rotary"
+    assert "break-even" in cost.choose(listed)[1]

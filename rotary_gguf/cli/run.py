@@ -123,7 +123,8 @@ def profiles_detect() -> None:
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @_with(_PLAN_OPTIONS)
-@click.option("--placement", type=click.Choice(STRATEGIES), default="layer-fill", show_default=True)
+@click.option("--placement", type=click.Choice(("auto", *STRATEGIES)), default="layer-fill", show_default=True,
+              help="auto: the placement the cost model predicts to decode fastest (docs/planner.md).")
 @click.option("--layer-order", type=click.Choice(LAYER_ORDERS), default="first", show_default=True,
               help="Which layers' experts get VRAM first (last: llama.cpp's --n-cpu-moe order).")
 @click.option("--check", is_flag=True,
@@ -132,17 +133,28 @@ def profiles_detect() -> None:
 def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, placement: str,
          layer_order: str, check: bool, as_json: bool) -> None:
     """Plan where MODEL's tensors go under a VRAM budget, before loading anything."""
+    from rotary_gguf.cost import candidates, choose
     from rotary_gguf.plan import estimate_decode_tok_s
     from rotary_gguf.runtime import EngineOptions, dry_run, gpu_device_name, prepare
 
     options = EngineOptions(ctx=ctx, vram_budget=size_option(vram_budget, "--vram-budget"), layer_order=layer_order)
-    setup = prepare(model, profile_name, placement, options, runnable=False)
-    for note in setup.notes:
+    setup = prepare(model, profile_name, "layer-fill" if placement == "auto" else placement, options,
+                    runnable=False)
+    popularity = setup.calibration.popularity() if setup.calibration else None
+    predicted = candidates(setup.index, setup.profile, vram_budget=options.vram_budget, ctx=ctx,
+                           layer_order=layer_order, popularity=popularity) if setup.index.is_moe else ()
+    notes = setup.notes
+    if placement == "auto":
+        chosen, why = choose(predicted) if predicted else ("layer-fill", "auto: layer-fill (a dense model)")
+        setup = prepare(model, profile_name, chosen, options, runnable=False)
+        notes = setup.notes + (why,)
+    for note in notes:
         click.echo(f"note: {note}", err=True)
     estimate = estimate_decode_tok_s(setup.index, setup.placement, setup.profile)
     buffers = dry_run(model, setup.placement, setup.options) if check else None
     if as_json:
-        out = {"model": str(model), **setup.placement.to_json(), "estimated_decode_tok_s": round(estimate, 1)}
+        out = {"model": str(model), **setup.placement.to_json(), "estimated_decode_tok_s": round(estimate, 1),
+               "candidates": [c.to_json() for c in predicted]}
         if buffers is not None:
             out["dry_run_buffers"] = [{"kind": b.kind, "name": b.name, "bytes": b.nbytes} for b in buffers]
         click.echo(json.dumps(out))

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from rotary_gguf import cost
 from rotary_gguf.calibration import Calibration, load_calibration
 from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex, open_index
@@ -30,9 +31,12 @@ from rotary_gguf.trace import TraceHeader, TraceWriter, read_trace
 PLACEMENTS = ("auto", "layer-fill", "experts-on-host", "rotary")
 
 
-def resolve_strategy(requested: str, options: EngineOptions) -> tuple[str, tuple[str, ...]]:
-    """The placement strategy that will run, and notes for the user: auto is rotary where the scheduler
-    plugin can run here, else layer-fill; a rotary that cannot run falls back to layer-fill, said once."""
+def resolve_strategy(requested: str, options: EngineOptions, index: ModelIndex | None = None,
+                     profile: Profile | None = None) -> tuple[str, tuple[str, ...]]:
+    """The placement strategy that will run, and notes for the user: auto is the fastest placement the cost
+    model predicts for this model and a GPU profile (rotary only where the scheduler plugin can run here),
+    said in one line; otherwise rotary where it can run, else layer-fill. A rotary that cannot run falls
+    back to layer-fill, said once."""
     if requested not in PLACEMENTS:
         raise ValueError(f"unknown placement {requested!r}")
     if options.routing_only:
@@ -40,6 +44,13 @@ def resolve_strategy(requested: str, options: EngineOptions) -> tuple[str, tuple
     if requested not in ("auto", "rotary"):
         return requested, ()
     reason = scheduler.rotary_unavailable()
+    if requested == "auto" and index is not None and profile is not None and index.is_moe and profile.has_gpu:
+        calibration, _ = load_calibration(index)
+        predicted = cost.candidates(index, profile, vram_budget=options.vram_budget, ctx=options.ctx,
+                                    layer_order=options.layer_order,
+                                    popularity=calibration.popularity() if calibration else None)
+        strategy, why = cost.choose(predicted, rotary_runs=reason is None)
+        return strategy, (why,)
     if reason is None:
         return "rotary", ()
     return "layer-fill", ((f"{reason}; using layer-fill",) if requested == "rotary" else ())
@@ -66,7 +77,7 @@ def prepare(model: str | Path, profile: Profile | str = "auto", placement: str =
     index = open_index(Path(model))
     base = load_profile(profile) if isinstance(profile, str) else profile
     effective, filled = options.for_profile(base)
-    strategy, notes = resolve_strategy(placement, options) if runnable else (placement, ())
+    strategy, notes = resolve_strategy(placement, options, index, effective) if runnable else (placement, ())
     if not index.is_moe:
         notes += (f"{index.path.name} is a dense model (no routed experts): whole layers go to the GPU",)
     calibration, source = load_calibration(index)
