@@ -7,6 +7,7 @@ metrics (Prometheus), app (the Starlette application), static/index.html (the we
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 
@@ -39,6 +40,7 @@ def serve(engine: Engine, sock: socket.socket, *, alias: str, api_key: str | Non
 
     from rotary_gguf.server.app import Server, ServerConfig
 
+    logging.getLogger("sse_starlette").setLevel(max(logging.INFO, logging.getLogger().level))  # not every chunk
     app = Server(engine, ServerConfig(alias, api_key, max_queue, max_body)).app()
     config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)

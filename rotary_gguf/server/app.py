@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +26,7 @@ from rotary_gguf.server.errors import APIError, server_error, too_large, unautho
 from rotary_gguf.server.live import LiveView
 from rotary_gguf.server.metrics import CONTENT_TYPE, Metrics
 from rotary_gguf.server.requests import GenerationRequest, chat_request, completion_request
-from rotary_gguf.server.responses import Reply
+from rotary_gguf.server.responses import Reply, sse
 from rotary_gguf.server.worker import EngineWorker, Job
 
 log = logging.getLogger(__name__)
@@ -217,33 +216,37 @@ class Server:
                 self.metrics.duration.labels(request.url.path).observe(time.monotonic() - started)
                 return JSONResponse(reply.whole("".join(pieces), event.generation))
 
-    async def _events(self, job: Job, reply: Reply, started: float) -> AsyncIterator[dict[str, str]]:
-        """SSE events of a streamed answer; a client that goes away cancels this generator, and the job with it."""
+    async def _events(self, job: Job, reply: Reply, started: float) -> AsyncIterator[bytes]:
+        """SSE events of a streamed answer, as bytes (what already waits goes out in one write); a client that
+        goes away cancels this generator, and the job with it."""
         endpoint = "/v1/chat/completions" if reply.chat else "/v1/completions"
         try:
             opening = reply.opening()
             if opening is not None:
-                yield {"data": json.dumps(opening)}
+                yield sse(opening)
             while True:
-                event = await job.next_event()
-                assert event is not None
-                if event.kind == "text":
-                    yield {"data": json.dumps(reply.piece(event.text))}
-                elif event.kind == "error":
-                    assert event.error is not None
-                    self.metrics.requests.labels(endpoint, str(event.error.status)).inc()
-                    yield {"data": json.dumps(event.error.body())}
-                    return
-                else:
-                    g = event.generation
-                    assert g is not None
-                    yield {"data": json.dumps(reply.closing(g))}
-                    if reply.include_usage:
-                        yield {"data": json.dumps(reply.usage_chunk(g))}
-                    yield {"data": "[DONE]"}
-                    self.metrics.requests.labels(endpoint, "200").inc()
-                    self.metrics.duration.labels(endpoint).observe(time.monotonic() - started)
-                    return
+                first = await job.next_event()
+                assert first is not None
+                out = []
+                for event in (first, *job.ready()):
+                    if event.kind == "text":
+                        out.append(reply.piece_event(event.text))
+                    elif event.kind == "error":
+                        assert event.error is not None
+                        self.metrics.requests.labels(endpoint, str(event.error.status)).inc()
+                        yield b"".join(out) + sse(event.error.body())
+                        return
+                    else:
+                        g = event.generation
+                        assert g is not None
+                        out.append(sse(reply.closing(g)))
+                        if reply.include_usage:
+                            out.append(sse(reply.usage_chunk(g)))
+                        yield b"".join(out) + sse("[DONE]")
+                        self.metrics.requests.labels(endpoint, "200").inc()
+                        self.metrics.duration.labels(endpoint).observe(time.monotonic() - started)
+                        return
+                yield b"".join(out)
         finally:
             self.worker.cancel(job)
             job.discard()

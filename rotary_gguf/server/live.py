@@ -56,10 +56,9 @@ class LiveView:
         self._memory: tuple[float, dict[str, Any]] = (0.0, {})
         self._memory_lock = threading.Lock()
 
-    def tick(self, engine: Engine, progress: dict[str, Any]) -> None:
-        """From the worker, after a token: a new picture if the last one is `interval` old."""
-        if time.monotonic() - self._taken >= self.interval:
-            self.capture(engine, progress)
+    def due(self) -> bool:
+        """Whether the last picture is `interval` old (the worker asks after each token)."""
+        return time.monotonic() - self._taken >= self.interval
 
     def capture(self, engine: Engine, progress: dict[str, Any] | None) -> None:
         """From the worker: progress is the running request's, None when the engine is idle."""

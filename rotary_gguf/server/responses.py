@@ -3,6 +3,7 @@ its chunks, usage with prompt_tokens_details.cached_tokens."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any
@@ -11,6 +12,12 @@ from rotary_gguf import __version__
 from rotary_gguf.runtime import Generation
 
 FINGERPRINT = f"rotary-gguf-{__version__}"
+
+
+def sse(body: dict[str, Any] | str) -> bytes:
+    """One server-sent event: `data: JSON` (or a string as it is) and a blank line."""
+    data = body if isinstance(body, str) else json.dumps(body, separators=(",", ":"))
+    return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
 def usage(g: Generation) -> dict[str, Any]:
@@ -33,6 +40,10 @@ class Reply:
         self.chat = endpoint == "chat"
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + secrets.token_hex(12)
         self.created, self.model, self.include_usage = int(time.time()), model, include_usage
+        # A text piece's event is the same bytes around the text each time: made once, then joined per token.
+        marker = "\x00piece\x00"
+        head, tail = sse(self._chunk({"content": marker}, marker, None)).split(json.dumps(marker).encode())
+        self._piece_head, self._piece_tail = head, tail
 
     def _head(self, object_: str) -> dict[str, Any]:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model,
@@ -63,6 +74,10 @@ class Reply:
 
     def piece(self, text: str) -> dict[str, Any]:
         return self._chunk({"content": text}, text, None)
+
+    def piece_event(self, text: str) -> bytes:
+        """sse(piece(text)), without building and encoding the whole chunk for every token."""
+        return self._piece_head + json.dumps(text).encode("utf-8") + self._piece_tail
 
     def closing(self, g: Generation) -> dict[str, Any]:
         return self._chunk({}, "", finish_reason(g))

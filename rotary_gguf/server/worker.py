@@ -9,6 +9,7 @@ cancelled while it waits is skipped; one cancelled while it runs stops after the
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import queue
@@ -43,16 +44,27 @@ class Job:
         self.request, self._loop = request, loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._getter: asyncio.Future[Event] | None = None
+        self._sent: collections.deque[Event] = collections.deque()  # emitted, not yet on the loop's queue
+        self._woken = False  # a wake-up is on its way to the loop
         self.state = "queued"  # queued, running, cancelled, done
         self.stream: Stream | None = None
         self.submitted = time.monotonic()
 
     def emit(self, event: Event) -> None:
-        """From the worker thread."""
+        """From the worker thread: one wake-up of the event loop carries every event sent until it runs."""
+        self._sent.append(event)
+        if self._woken:
+            return
+        self._woken = True
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+    def _deliver(self) -> None:
+        self._woken = False  # before taking: an event sent from now on sends its own wake-up
+        while self._sent:
+            self._events.put_nowait(self._sent.popleft())
 
     async def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds (the pending read is kept for the next call)."""
@@ -63,6 +75,13 @@ class Job:
             return None
         event, self._getter = self._getter.result(), None
         return event
+
+    def ready(self) -> list[Event]:
+        """The events already here, without waiting (a stream sends them in one write when it fell behind)."""
+        out = []
+        while self._getter is None and not self._events.empty():
+            out.append(self._events.get_nowait())
+        return out
 
     def attach(self, stream: Stream) -> None:
         """From the worker thread, as the job starts: a cancel from now on stops this stream."""
@@ -212,9 +231,9 @@ class EngineWorker:
         try:
             for piece in stream:
                 job.emit(Event("text", piece))
-                now = time.perf_counter()
-                first = first or now
-                self.live.tick(self.engine, _progress(stream, first, now))
+                first = first or time.perf_counter()
+                if self.live.due():
+                    self.live.capture(self.engine, _progress(stream, first, time.perf_counter()))
         finally:
             stream.close()
         generation = stream.result
