@@ -313,3 +313,28 @@ def test_qwen35_fused_experts_that_contradict_the_config_are_one_line(qwen35_rel
     message = "layers.0.mlp.experts.down_proj: shape [8, 64, 32]; config.json implies [8, 64, 48]"
     assert out.exit_code == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert not list(tmp_path.glob("out.gguf*"))
+
+
+QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+@pytest.mark.parametrize("family, split, added, expected", [
+    ("qwen3_5_moe_text", QWEN35_SPLIT, {}, {"tokenizer.ggml.pre": "qwen35"}),
+    ("glm4_moe", LLAMA3_SPLIT, {1: "[gMASK]", 2: "<|user|>"},
+     {"tokenizer.ggml.pre": "glm4", "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eot_token_id": 2,
+      "tokenizer.ggml.unknown_token_id": 0}),
+])
+def test_family_vocabulary_as_llama_cpp_names_it(family_checkpoints, tmp_path, family, split, added, expected):
+    """Qwen3.5's split (letters with marks) is llama.cpp's qwen35; GLM's llama-bpe split is its glm4, with
+    [gMASK] as BOS, <|user|> as EOT and <|endoftext|> as UNK, as convert_hf_to_gguf.py sets them."""
+    folder = Path(shutil.copytree(family_checkpoints(family), tmp_path / "hf"))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = split
+    for token in tokenizer["added_tokens"]:
+        token["content"] = added.get(token["id"], token["content"])
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    metadata = open_index(convert(folder, tmp_path / "out.gguf", "q8_0")).metadata
+    assert {key: metadata.get(key) for key in expected} == expected

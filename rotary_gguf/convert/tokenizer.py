@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 _KNOWN_SPLITS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen35",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
     r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+": "gpt-2",
@@ -36,9 +38,12 @@ def _pre_tokenizer(spec: dict | None) -> str:
     return "default"
 
 
-def add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
+def add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int, pre_names: dict[str, str] | None = None,
+              special_tokens: dict[str, str] | None = None) -> None:
     """A byte-level BPE tokenizer.json as tokenizer.ggml.* keys (padded to n_vocab), plus the special
-    tokens, merges and chat template gguf-py's SpecialVocab reads from the folder."""
+    tokens, merges and chat template gguf-py's SpecialVocab reads from the folder. A family may name its
+    pre-tokenizer otherwise (pre_names: GLM's llama-bpe split is llama.cpp's "glm4") and set special tokens
+    by their text (special_tokens: kind -> token, where the tokenizer has that token)."""
     path = folder / "tokenizer.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -66,10 +71,15 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(data.get("pre_tokenizer")))
+    pre = _pre_tokenizer(data.get("pre_tokenizer"))
+    writer.add_tokenizer_pre((pre_names or {}).get(pre, pre))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab)
+    ids = {t["content"]: int(t["id"]) for t in data.get("added_tokens", [])}
+    for kind, text in (special_tokens or {}).items():
+        if text in ids:
+            special._set_special_token(kind, ids[text])
     if not special.chat_template and (folder / "chat_template.jinja").exists():
         special.chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     special.add_to_gguf(writer, quiet=True)

@@ -13,6 +13,10 @@ ARCH = gguf.MODEL_ARCH.GLM4_MOE
 EXPERT = r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight"
 STACKED = "model.layers.{layer}.mlp.experts.{proj}.weight"
 PROJECTIONS = ("down_proj", "gate_proj", "up_proj")
+# convert_hf_to_gguf.py's GLM vocabulary: the llama-bpe split under llama.cpp's "glm4" name (no BOS by default,
+# merges ignored as for llama-bpe) and its special tokens (with <|endoftext|> as EOT, generation never ends).
+PRE_TOKENIZER_NAMES = {"llama-bpe": "glm4"}
+SPECIAL_TOKENS = {"bos": "[gMASK]", "eot": "<|user|>", "unk": "<|endoftext|>", "eom": "<|observation|>"}
 
 
 def extra_blocks(cfg: HFConfig, tensors: dict[str, StoredTensor]) -> int:
