@@ -290,13 +290,20 @@ def test_qwen35_bad_layer_types_is_one_line(family_checkpoints, tmp_path):
 @pytest.mark.parametrize("family, message", [
     ("deepseek_v4", "model_type 'deepseek_v4' is not converted by rotary: its release stores the routed experts"),
     ("gemma4_dense", "gemma4_text without enable_moe_block is a dense model"),
+    ("gemma4_sentencepiece", "tokenizer.json: a SentencePiece-style BPE tokenizer (byte_fallback)"),
 ])
 def test_refused_families_are_one_line_and_write_nothing(family_checkpoints, tmp_path, family, message):
-    if family == "gemma4_dense":
+    """deepseek_v4; a dense gemma4; gemma4 with the release's kind of tokenizer (llama.cpp's own gemma4
+    vocabulary type, which rotary does not write)."""
+    if family.startswith("gemma4_"):
         folder = Path(shutil.copytree(family_checkpoints("gemma4_text"), tmp_path / "hf"))
-        config = json.loads((folder / "config.json").read_text())
-        config["enable_moe_block"] = False
+        config, tokenizer = (json.loads((folder / f).read_text()) for f in ("config.json", "tokenizer.json"))
+        if family == "gemma4_dense":
+            config["enable_moe_block"] = False
+        else:
+            tokenizer["model"]["byte_fallback"] = True
         (folder / "config.json").write_text(json.dumps(config))
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     else:
         folder = family_checkpoints(family)
     out = CliRunner().invoke(main, ["convert", str(folder), "-o", str(tmp_path / "out.gguf")])

@@ -248,7 +248,7 @@ def write_gguf(folder: Path, out: Path, type_name: str, progress: Callable[[int,
     try:
         _parameters(cfg, module, writer, _FILE_TYPES[type_name], folder.resolve().name, n_block)
         add_vocab(writer, folder, int(cfg.require("vocab_size")), getattr(module, "PRE_TOKENIZER_NAMES", None),
-                  getattr(module, "SPECIAL_TOKENS", None))
+                  getattr(module, "SPECIAL_TOKENS", None), getattr(module, "BYTE_LEVEL_ONLY", False))
         for t in plan:
             if t.qtype in (Q.F32, Q.F16):
                 dtype, shape = np.dtype(np.float32 if t.qtype == Q.F32 else np.float16), t.shape

@@ -19,6 +19,9 @@ ARCH = gguf.MODEL_ARCH.GEMMA4
 EXPERT = r"(?!)"  # experts are stored fused: derive() passes them through expert by expert
 STACKED = ""
 PROJECTIONS = ()
+# llama.cpp's gemma4 vocabulary (tokenizer model "gemma4", from SentencePiece-style tokens with scores and
+# byte tokens) is not written here: a byte_fallback tokenizer.json is refused rather than carried as gpt2.
+BYTE_LEVEL_ONLY = True
 _VISION = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.", "vision.", "audio.")
 _OWN = {"router.scale": "ffn_gate_inp.scale", "router.per_expert_scale": "ffn_down_exps.scale"}
 _OWN_NAME = re.compile(r"model\.layers\.(\d+)\.(router\.scale|router\.per_expert_scale)")
