@@ -4,6 +4,7 @@ logits for the same checkpoint, and llama.cpp's own convert_hf_to_gguf.py tensor
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -290,20 +291,13 @@ def test_qwen35_bad_layer_types_is_one_line(family_checkpoints, tmp_path):
 @pytest.mark.parametrize("family, message", [
     ("deepseek_v4", "model_type 'deepseek_v4' is not converted by rotary: its release stores the routed experts"),
     ("gemma4_dense", "gemma4_text without enable_moe_block is a dense model"),
-    ("gemma4_sentencepiece", "tokenizer.json: a SentencePiece-style BPE tokenizer (byte_fallback)"),
 ])
 def test_refused_families_are_one_line_and_write_nothing(family_checkpoints, tmp_path, family, message):
-    """deepseek_v4; a dense gemma4; gemma4 with the release's kind of tokenizer (llama.cpp's own gemma4
-    vocabulary type, which rotary does not write)."""
-    if family.startswith("gemma4_"):
+    if family == "gemma4_dense":
         folder = Path(shutil.copytree(family_checkpoints("gemma4_text"), tmp_path / "hf"))
-        config, tokenizer = (json.loads((folder / f).read_text()) for f in ("config.json", "tokenizer.json"))
-        if family == "gemma4_dense":
-            config["enable_moe_block"] = False
-        else:
-            tokenizer["model"]["byte_fallback"] = True
+        config = json.loads((folder / "config.json").read_text())
+        config["enable_moe_block"] = False
         (folder / "config.json").write_text(json.dumps(config))
-        (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     else:
         folder = family_checkpoints(family)
     out = CliRunner().invoke(main, ["convert", str(folder), "-o", str(tmp_path / "out.gguf")])
@@ -345,3 +339,55 @@ def test_family_vocabulary_as_llama_cpp_names_it(family_checkpoints, tmp_path, f
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     metadata = open_index(convert(folder, tmp_path / "out.gguf", "q8_0")).metadata
     assert {key: metadata.get(key) for key in expected} == expected
+
+
+def _sentencepiece_style_tokenizer(folder: Path) -> None:
+    """A tokenizer.json of the Gemma release's kind in folder: BPE over "▁"-joined text with byte fallback
+    (<0x00>..<0xFF>), its special tokens, a GemmaTokenizer config; the size of the model's vocabulary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    n_vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<|channel>"]
+    vocab = {text: i for i, text in enumerate([*specials, *(f"<0x{b:02X}>" for b in range(256))])}
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("i", "n"), ("▁", "a"), ("a", "n"), ("▁a", "n"), ("o", "n")]
+    for text in [*"▁abcdefghijklmnopqrstuvwxyzT.,", *(a + b for a, b in merges)]:
+        vocab.setdefault(text, len(vocab))
+    vocab.update({f"tok{i}": i for i in range(len(vocab), n_vocab)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "▁")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([AddedToken(text, special=True, normalized=False) for text in specials])
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
+            f.unlink()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+        tokenizer_class="GemmaTokenizer", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        mask_token="<mask>", add_bos_token=True, add_eos_token=False,
+        extra_special_tokens=["<start_of_turn>", "<end_of_turn>"])))
+
+
+def test_gemma4_release_tokenizer_as_llama_cpp_writes_it(family_checkpoints, reference_converter, stock_engine,
+                                                          tmp_path):
+    """A SentencePiece-style tokenizer.json becomes llama.cpp's gemma4 vocabulary: every tokenizer.* key equal
+    to what convert_hf_to_gguf.py writes (run here without the test vocabulary hook), the same tensors, and
+    llama.cpp's tokenization equal to transformers' (byte fallback and special tokens included)."""
+    import transformers
+
+    folder = Path(shutil.copytree(family_checkpoints("gemma4_text"), tmp_path / "hf"))
+    _sentencepiece_style_tokenizer(folder)
+    reference = tmp_path / "reference.gguf"
+    done = subprocess.run([sys.executable, str(reference_converter / "convert_hf_to_gguf.py"), str(folder),
+                           "--outtype", "q8_0", "--outfile", str(reference)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(reference_converter / "gguf-py")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = convert(folder, tmp_path / "ours.gguf", "q8_0")
+    _assert_same_tensors(ours, reference)
+    mine, theirs = GGUFReader(ours).fields, GGUFReader(reference).fields
+    assert {k for k in mine if k.startswith("tokenizer.")} == {k for k in theirs if k.startswith("tokenizer.")}
+    for key in (k for k in theirs if k.startswith("tokenizer.")):
+        assert mine[key].contents() == theirs[key].contents(), key
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    engine = stock_engine(ours, ctx=256, threads=2)
+    for text in ("the answer is on the table", "Tea, then an ant.", "héllo wörld<end_of_turn>"):
+        assert engine.tokenize(text) == tokenizer(text).input_ids, text

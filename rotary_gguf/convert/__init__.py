@@ -172,9 +172,9 @@ def _pieces(t: OutTensor) -> list[tuple[StoredTensor, slice | int]]:
     if t.stacked:
         return [(s, slice(None)) for s in t.sources]
     source = t.sources[0]
-    n_rows = source.shape[0] if len(source.shape) > 1 else 0
+    n_rows = t.shape[0] if len(t.shape) > 1 else 0  # the leading rows only where a module trims (gemma4)
     if n_rows <= _ROWS_PER_CHUNK:
-        return [(source, slice(None))]
+        return [(source, slice(None) if t.reshaped is None else slice(0, n_rows))]
     return [(source, slice(i, min(i + _ROWS_PER_CHUNK, n_rows))) for i in range(0, n_rows, _ROWS_PER_CHUNK)]
 
 
@@ -247,8 +247,10 @@ def write_gguf(folder: Path, out: Path, type_name: str, progress: Callable[[int,
     writer = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[module.ARCH])
     try:
         _parameters(cfg, module, writer, _FILE_TYPES[type_name], folder.resolve().name, n_block)
-        add_vocab(writer, folder, int(cfg.require("vocab_size")), getattr(module, "PRE_TOKENIZER_NAMES", None),
-                  getattr(module, "SPECIAL_TOKENS", None), getattr(module, "BYTE_LEVEL_ONLY", False))
+        own_vocab = getattr(module, "add_vocab", None)
+        if own_vocab is None or not own_vocab(writer, folder):
+            add_vocab(writer, folder, int(cfg.require("vocab_size")), getattr(module, "PRE_TOKENIZER_NAMES", None),
+                      getattr(module, "SPECIAL_TOKENS", None))
         for t in plan:
             if t.qtype in (Q.F32, Q.F16):
                 dtype, shape = np.dtype(np.float32 if t.qtype == Q.F32 else np.float16), t.shape

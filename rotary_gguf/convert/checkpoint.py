@@ -28,6 +28,7 @@ class HFConfig:
 
     raw: dict[str, Any]
     model_type: str
+    folder: Path | None = None  # where config.json was read (a family may read its tokenizer files)
 
     def get(self, *keys: str, default: Any = None) -> Any:
         for key in keys:
@@ -67,8 +68,8 @@ def load_config(folder: Path) -> HFConfig:
     if not isinstance(raw, dict) or not isinstance(raw.get("model_type"), str):
         raise ConvertError(f"{path}: no model_type")
     if isinstance(raw.get("text_config"), dict):  # a multimodal release: its text model's keys at the top
-        return HFConfig({**raw, **raw["text_config"]}, raw["model_type"])
-    return HFConfig(raw, raw["model_type"])
+        return HFConfig({**raw, **raw["text_config"]}, raw["model_type"], folder)
+    return HFConfig(raw, raw["model_type"], folder)
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,11 @@ def _pre_tokenizer(spec: dict | None) -> str:
 
 
 def add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int, pre_names: dict[str, str] | None = None,
-              special_tokens: dict[str, str] | None = None, byte_level_only: bool = False) -> None:
+              special_tokens: dict[str, str] | None = None) -> None:
     """A byte-level BPE tokenizer.json as tokenizer.ggml.* keys (padded to n_vocab), plus the special
     tokens, merges and chat template gguf-py's SpecialVocab reads from the folder. A family may name its
     pre-tokenizer otherwise (pre_names: GLM's llama-bpe split is llama.cpp's "glm4") and set special tokens
-    by their text (special_tokens: kind -> token, where the tokenizer has that token). byte_level_only refuses
-    a SentencePiece-style BPE (byte_fallback) that the family's llama.cpp vocabulary reads in its own way."""
+    by their text (special_tokens: kind -> token, where the tokenizer has that token)."""
     path = folder / "tokenizer.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -55,10 +54,6 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int, pre_names: di
         raise ConvertError(f"{path}: unreadable tokenizer: {exc}") from None
     if model.get("type") != "BPE":
         raise ConvertError(f"{path}: tokenizer model {model.get('type')!r}; only BPE tokenizers are supported")
-    if byte_level_only and model.get("byte_fallback"):
-        raise ConvertError(f"{path}: a SentencePiece-style BPE tokenizer (byte_fallback), which llama.cpp reads as "
-                           "its own vocabulary type for this family; rotary carries byte-level BPE only: convert "
-                           "with llama.cpp's convert_hf_to_gguf.py")
     by_id = {int(i): tok for tok, i in model["vocab"].items()}
     added = {int(t["id"]): t for t in data.get("added_tokens", [])}
     by_id.update({i: t["content"] for i, t in added.items()})

@@ -7,8 +7,11 @@ a scalar per layer. Norm weights are used as stored (no + 1, unlike Gemma 3). Th
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -19,9 +22,10 @@ ARCH = gguf.MODEL_ARCH.GEMMA4
 EXPERT = r"(?!)"  # experts are stored fused: derive() passes them through expert by expert
 STACKED = ""
 PROJECTIONS = ()
-# llama.cpp's gemma4 vocabulary (tokenizer model "gemma4", from SentencePiece-style tokens with scores and
-# byte tokens) is not written here: a byte_fallback tokenizer.json is refused rather than carried as gpt2.
-BYTE_LEVEL_ONLY = True
+# Tokens convert_hf_to_gguf.py always marks USER_DEFINED (rendered, so that chat parsers can read them).
+_VISIBLE = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+            '<|"|>'}
+_NAMED_SPECIALS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _VISION = ("vision_tower.", "embed_vision.", "audio_tower.", "embed_audio.", "vision.", "audio.")
 _OWN = {"router.scale": "ffn_gate_inp.scale", "router.per_expert_scale": "ffn_down_exps.scale"}
 _OWN_NAME = re.compile(r"model\.layers\.(\d+)\.(router\.scale|router\.per_expert_scale)")
@@ -121,3 +125,75 @@ def generate(cfg: HFConfig) -> list[tuple[str, np.ndarray]]:
     n_rot = int(head_dim_full * float(full.get("partial_rotary_factor", 1.0)) / 2)
     values = np.array([1.0] * n_rot + [1e30] * (head_dim_full // 2 - n_rot), dtype=np.float32)
     return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", values)]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_json(folder: Path) -> dict:
+    path = folder / "tokenizer.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvertError(f"{folder}: no tokenizer.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConvertError(f"{path}: unreadable tokenizer: {exc}") from None
+
+
+def reshape(name: str, shape: tuple[int, ...], cfg: HFConfig) -> tuple[int, ...]:
+    """The embedding without rows past the tokenizer (vocabulary + added tokens), as convert_hf_to_gguf.py
+    trims it."""
+    if not name.endswith("embed_tokens.weight") or cfg.folder is None:
+        return shape
+    data = _tokenizer_json(cfg.folder)
+    return (min(shape[0], len(data["model"]["vocab"]) + len(data.get("added_tokens", []))), *shape[1:])
+
+
+def _special_texts(folder: Path) -> set[str]:
+    """transformers' all_special_tokens: the named ones and the extra ones of tokenizer_config.json (or
+    special_tokens_map.json)."""
+    texts: set[str] = set()
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        if not (folder / file).is_file():
+            continue
+        config = json.loads((folder / file).read_text(encoding="utf-8"))
+        values = [config.get(key) for key in _NAMED_SPECIALS]
+        values += config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        texts |= {v["content"] if isinstance(v, dict) else v for v in values if v}
+    return texts
+
+
+def add_vocab(writer: gguf.GGUFWriter, folder: Path) -> bool:
+    """A SentencePiece-style BPE tokenizer.json (byte_fallback, the release's) as llama.cpp's gemma4
+    vocabulary, as convert_hf_to_gguf.py writes it through gguf-py's LlamaHfVocab: every token by id, scores
+    -1000, byte tokens BYTE, special tokens CONTROL, the chat-channel tokens USER_DEFINED, BOS added, no space
+    prefix. False (the generic byte-level path) for any other tokenizer."""
+    data = _tokenizer_json(folder)
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return False
+    base = {int(i): text for text, i in model["vocab"].items()}
+    if sorted(base) != list(range(len(base))):
+        raise ConvertError(f"{folder / 'tokenizer.json'}: vocabulary ids are not 0..{len(base) - 1}")
+    added = {int(t["id"]): t["content"] for t in data.get("added_tokens", [])}
+    by_id = {**base, **added}
+    ids = {text: i for i, text in by_id.items()}
+    special_ids = {ids[text] for text in _special_texts(folder) if text in ids}
+    tokens, types = [], []
+    for i in sorted(i for i in by_id if i < len(base) or i in added):
+        text = by_id[i]
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            kind = gguf.TokenType.BYTE
+        elif i in special_ids:
+            kind = gguf.TokenType.CONTROL
+        else:
+            kind = gguf.TokenType.NORMAL if i < len(base) else gguf.TokenType.USER_DEFINED
+        tokens.append(text)
+        types.append(gguf.TokenType.USER_DEFINED if text in _VISIBLE else kind)
+    writer.add_tokenizer_model("gemma4")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-1000.0] * len(tokens))
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True)
+    special.add_special_token["bos"] = True
+    special.add_to_gguf(writer, quiet=True)
+    writer.add_add_space_prefix(False)
+    return True
