@@ -4,7 +4,6 @@ convert_hf_to_gguf.py: sessions on memory that cannot drop a suffix (qwen35moe's
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -73,9 +72,7 @@ def test_kv_and_recurrent_state_match_llama_cpp(family, kv_type, flash, family_m
     index = open_index(path)
     for ctx in (1024, 4096):
         with stock_engine(path, ctx=ctx, kv_cache_type=kv_type, flash_attention=flash) as engine:
-            measured = {kind: engine.buffer_bytes(kind=kind) for kind in ("KV", "RS")}
-            measured["state"] = sum(float(m[1]) * 2**20 for line in engine.log_lines
-                                    if (m := re.search(r"DSV4 \w+ state buffer size =\s*([0-9.]+) MiB", line)))
+            measured = {kind: engine.buffer_bytes(kind=kind) for kind in ("KV", "RS", "state")}
         planned = {"KV": kv_cache_bytes(index, ctx, kv_type, flash_attention=flash),
                    "RS": recurrent_state_bytes(index), "state": compressor_state_bytes(index)}
         for kind in ("KV", "RS", "state"):

@@ -22,12 +22,13 @@ llama_log = logging.getLogger("llama.cpp")
 
 GPU_DEVICE, CPU_DEVICE = 1, 0  # enum ggml_backend_dev_type
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
-_BUFFER_LINE = re.compile(r"^(\w+): +(\S+) +(model|KV|compute|output|RS) buffer size = +([0-9.]+) MiB")
+# Kinds: model, KV, RS (recurrent state), compute, output, and deepseek4's "DSV4 <name> state" (as "state").
+_BUFFER_LINE = re.compile(r"^(\w+): +(\S+) +(model|KV|compute|output|RS|DSV4 \S+ state) buffer size = +([0-9.]+) MiB")
 
 
 @dataclass(frozen=True)
 class Buffer:
-    """One buffer llama.cpp reports at load: kind (model, KV, RS, compute, output), buffer type name, bytes."""
+    """One buffer llama.cpp reports at load: kind (model, KV, RS, state, compute, output), buffer type, bytes."""
 
     kind: str
     name: str
@@ -157,7 +158,8 @@ def parse_buffers(lines: list[str]) -> tuple[Buffer, ...]:
     for line in lines:
         m = _BUFFER_LINE.match(line.strip())
         if m:
-            found.append(Buffer(m.group(3), m.group(2), round(float(m.group(4)) * 2**20)))
+            kind = "state" if m.group(3).startswith("DSV4") else m.group(3)
+            found.append(Buffer(kind, m.group(2), round(float(m.group(4)) * 2**20)))
     return tuple(found)
 
 
