@@ -3,7 +3,8 @@ MoE block side by side (fused [experts, 2 x ff, hidden] gate_up experts, a route
 and a per-expert output scale), sliding-window and full-attention layers with their own head sizes and RoPE
 bases, "proportional" partial RoPE on the full layers (written as rope_freqs, as convert_hf_to_gguf.py does),
 a scalar per layer. Norm weights are used as stored (no + 1, unlike Gemma 3). The multimodal release
-(gemma4, Gemma4ForConditionalGeneration) is read for its text model only."""
+(gemma4, Gemma4ForConditionalGeneration) is read for its text model only; its SentencePiece-style tokenizer
+becomes llama.cpp's gemma4 vocabulary (add_vocab)."""
 
 from __future__ import annotations
 
