@@ -169,3 +169,18 @@ def test_gpt_oss_untruncated_yarn_warns(tmp_path, caplog):
     convert(folder, tmp_path / "out.gguf", "q8_0")
     assert "truncate=false: llama.cpp always rounds the correction range" in caplog.text
     assert open_index(tmp_path / "out.gguf").metadata["gpt-oss.rope.scaling.type"] == "yarn"
+
+
+def test_sentencepiece_style_tokenizer_is_refused(checkpoints, tmp_path):
+    """Mixtral's released tokenizer.json is SentencePiece's BPE (byte_fallback): written as a byte-level
+    "gpt2" vocabulary it would tokenize wrongly, so it is one clear error and nothing is written."""
+    import shutil
+
+    folder = Path(shutil.copytree(checkpoints["mixtral"], tmp_path / "mixtral"))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["model"]["byte_fallback"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path / "out.gguf"
+    result = CliRunner().invoke(main, ["convert", str(folder), "-o", str(out)])
+    assert result.exit_code == 2 and "SentencePiece-style tokenizer" in result.stderr
+    assert result.stderr.count("\n") == 1 and not list(tmp_path.glob("out.gguf*"))

@@ -54,6 +54,9 @@ def add_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int, pre_names: di
         raise ConvertError(f"{path}: unreadable tokenizer: {exc}") from None
     if model.get("type") != "BPE":
         raise ConvertError(f"{path}: tokenizer model {model.get('type')!r}; only BPE tokenizers are supported")
+    if model.get("byte_fallback"):  # SentencePiece's BPE (Mixtral's release): not byte-level, not "gpt2"
+        raise ConvertError(f"{path}: a SentencePiece-style tokenizer (BPE with byte_fallback) is not converted for "
+                           "this family yet; llama.cpp's convert_hf_to_gguf.py writes it as a llama vocabulary")
     by_id = {int(i): tok for tok, i in model["vocab"].items()}
     added = {int(t["id"]): t for t in data.get("added_tokens", [])}
     by_id.update({i: t["content"] for i, t in added.items()})
