@@ -68,6 +68,8 @@ class Job:
 
     async def next_event(self, timeout: float | None = None) -> Event | None:
         """The next event, or None after `timeout` seconds (the pending read is kept for the next call)."""
+        if timeout is None and self._getter is None:
+            return await self._events.get()
         if self._getter is None:
             self._getter = asyncio.ensure_future(self._events.get())
         done, _ = await asyncio.wait({self._getter}, timeout=timeout)
