@@ -16,7 +16,8 @@
 #   CUDACXX                  the nvcc to use (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc)
 #   PYTHON                   the interpreter that creates .venv (default python3)
 # `bash scripts/setup_env.sh --which-build` prints the choice ("cpu" or "cuda ARCHS"), says why on stderr,
-# and changes nothing.
+# and changes nothing. `--with-browser` (scripts/test.sh) also installs Debian's chromium and chromium-driver
+# when they are missing and this runs as root, for the server page's browser test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -183,4 +184,6 @@ echo "installing rotary-gguf into .venv (a CPU llama-cpp-python builds from sour
 .venv/bin/python -m pip install --quiet -e '.[test]'
 echo "building the rotary scheduler plugin (native/) against the installed llama.cpp" >&2
 .venv/bin/rotary plugin build
-install_chromium
+if [ "${1:-}" = "--with-browser" ]; then  # scripts/test.sh: the server page's test in a real browser
+    install_chromium
+fi

@@ -3,7 +3,7 @@
 # Exits non-zero when a check fails, and when pytest collects no tests at all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh || exit $?
+bash scripts/setup_env.sh --with-browser || exit $?
 .venv/bin/ruff check rotary_gguf tests scripts benchmarks || exit $?
 .venv/bin/python -m pytest "$@"
 rc=$?
