@@ -337,6 +337,16 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(server, http,
     assert reply.choices[0].message.content is not None and time.monotonic() - left < 5
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_stops_its_generation(server, http):
+    body = {"model": "m", "messages": _ask("Never stop talking."), "max_tokens": 960, "temperature": 0,
+            "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=0.2,
+                   headers={"Authorization": f"Bearer {KEY}"})
+    last = _idle(http)["last"]
+    assert last["finish_reason"] == "interrupted" and last["generated"] < 960, last
+
+
 def test_a_cancelled_job_stops_within_one_token_and_the_next_runs(tiny_model, open_engine):
     """The worker in this process: a cancel while tokens stream ends the generation after at most the token
     being decoded; a job cancelled while it waits never runs."""

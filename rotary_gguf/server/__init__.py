@@ -7,7 +7,6 @@ metrics (Prometheus), app (the Starlette application), static/index.html (the we
 
 from __future__ import annotations
 
-import logging
 import signal
 import socket
 
@@ -40,16 +39,20 @@ def serve(engine: Engine, sock: socket.socket, *, alias: str, api_key: str | Non
 
     from rotary_gguf.server.app import Server, ServerConfig
 
-    logging.getLogger("sse_starlette").setLevel(max(logging.INFO, logging.getLogger().level))  # not every chunk
-    app = Server(engine, ServerConfig(alias, api_key, max_queue, max_body)).app()
-    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="on",
+    served = Server(engine, ServerConfig(alias, api_key, max_queue, max_body))
+    config = uvicorn.Config(served.app(), log_config=None, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)
+
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            served.worker.interrupt()  # streams end now (their generation stops), waiting requests get 503
+            await super().shutdown(sockets)
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)  # uvicorn re-raises the signal it shut down for
-    server = uvicorn.Server(config)
+    server = Uvicorn(config)
     try:
         server.run(sockets=[sock])
     finally:

@@ -1,5 +1,6 @@
-"""The ASGI application (Starlette, streamed with sse-starlette): the OpenAI endpoints, /health, /metrics, the
-live view's JSON and the web page, with an API key check, a body size limit and OpenAI-shaped errors."""
+"""The ASGI application (Starlette): the OpenAI endpoints, /health, /metrics, the live view's JSON and the web
+page, with an API key check, a body size limit and OpenAI-shaped errors. Streams are server-sent events
+written by Starlette's StreamingResponse (which also ends them when the client disconnects)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -37,6 +37,7 @@ DISCONNECT_POLL = 0.25  # seconds between checks that a client waiting for a who
 # write, so the event loop and the client keep off the cores llama.cpp decodes on. Below 100 tok/s every token
 # is written as it comes.
 FLUSH_SECONDS = 0.01
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold events back
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,8 @@ class Server:
     async def _generate(self, request: Request, r: GenerationRequest) -> Response:
         started = time.monotonic()
         job = self.worker.submit(r, asyncio.get_running_loop())
-        first = await self._wait(request, job)
+        checked = [asyncio.get_running_loop().time()]
+        first = await self._wait(request, job, checked)
         if first is None:
             return Response(status_code=499)  # the client went away while waiting; it hears nothing
         if first.kind == "error":
@@ -189,24 +191,31 @@ class Server:
             raise first.error
         reply = Reply(r.endpoint, self.config.alias, r.include_usage)
         if r.stream:
-            return EventSourceResponse(self._events(job, reply, started), sep="\n", ping=15)
-        return await self._whole(request, job, reply, started)
+            return StreamingResponse(self._events(job, reply, started), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        return await self._whole(request, job, reply, started, checked)
 
-    async def _wait(self, request: Request, job: Job) -> Any:
-        """The job's next event; None (the job cancelled) if the client disconnects meanwhile."""
+    async def _wait(self, request: Request, job: Job, checked: list[float]) -> Any:
+        """The job's next event; None (the job cancelled) if the client disconnects meanwhile (asked every
+        DISCONNECT_POLL seconds; checked[0] is when it was last asked)."""
+        loop = asyncio.get_running_loop()
         while True:
             event = await job.next_event(DISCONNECT_POLL)
-            if event is not None:
+            if event is not None and loop.time() - checked[0] < DISCONNECT_POLL:
                 return event
+            checked[0] = loop.time()
             if await request.is_disconnected():
                 self.worker.cancel(job)
                 job.discard()
                 return None
+            if event is not None:
+                return event
 
-    async def _whole(self, request: Request, job: Job, reply: Reply, started: float) -> Response:
+    async def _whole(self, request: Request, job: Job, reply: Reply, started: float,
+                     checked: list[float]) -> Response:
         pieces = []
         while True:
-            event = await self._wait(request, job)
+            event = await self._wait(request, job, checked)
             if event is None:
                 return Response(status_code=499)
             if event.kind == "text":
@@ -221,8 +230,9 @@ class Server:
                 return JSONResponse(reply.whole("".join(pieces), event.generation))
 
     async def _events(self, job: Job, reply: Reply, started: float) -> AsyncIterator[bytes]:
-        """SSE events of a streamed answer, as bytes (what waits goes out in one write, at most one write per
-        FLUSH_SECONDS); a client that goes away cancels this generator, and the job with it."""
+        """SSE events of a streamed answer, as bytes: at most one write per FLUSH_SECONDS, with every event
+        that came meanwhile (the worker does not wake the event loop while it sleeps here). A client that goes
+        away cancels this generator, and the job with it."""
         endpoint = "/v1/chat/completions" if reply.chat else "/v1/completions"
         loop, written = asyncio.get_running_loop(), 0.0
         try:
@@ -230,10 +240,10 @@ class Server:
             if opening is not None:
                 yield sse(opening)
             while True:
+                if (wait := written + FLUSH_SECONDS - loop.time()) > 0:
+                    await asyncio.sleep(wait)
                 first = await job.next_event()
                 assert first is not None
-                if first.kind == "text" and (wait := written + FLUSH_SECONDS - loop.time()) > 0:
-                    await asyncio.sleep(wait)
                 out = []
                 for event in (first, *job.ready()):
                     if event.kind == "text":

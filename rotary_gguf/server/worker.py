@@ -38,51 +38,49 @@ class Event:
 
 
 class Job:
-    """One request on its way through the worker; events are read on the event loop with next_event()."""
+    """One request on its way through the worker; events are read on the event loop with next_event().
+
+    The worker appends events to a deque and wakes the event loop only when a reader waits for one: a stream
+    that is between writes (or a whole answer, which waits for the end) costs the event loop nothing per
+    token."""
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
         self.request, self._loop = request, loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._getter: asyncio.Future[Event] | None = None
-        self._sent: collections.deque[Event] = collections.deque()  # emitted, not yet on the loop's queue
-        self._woken = False  # a wake-up is on its way to the loop
+        self._sent: collections.deque[Event] = collections.deque()  # emitted, not yet read
+        self._waiter: asyncio.Future[None] | None = None  # a reader waiting on the event loop
+        self._wake_on_text = request.stream  # a whole answer is read at its end (and at disconnect checks)
         self.state = "queued"  # queued, running, cancelled, done
         self.stream: Stream | None = None
         self.submitted = time.monotonic()
 
     def emit(self, event: Event) -> None:
-        """From the worker thread: one wake-up of the event loop carries every event sent until it runs."""
+        """From the worker thread."""
         self._sent.append(event)
-        if self._woken:
+        waiter = self._waiter  # read after the append: a reader that checked the deque before it is seen here
+        if waiter is None or (event.kind == "text" and not self._wake_on_text):
             return
-        self._woken = True
-        try:
-            self._loop.call_soon_threadsafe(self._deliver)
+        try:  # only the reader clears _waiter (were this thread to, it could clear the reader's next one)
+            self._loop.call_soon_threadsafe(_wake, waiter)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
-    def _deliver(self) -> None:
-        self._woken = False  # before taking: an event sent from now on sends its own wake-up
-        while self._sent:
-            self._events.put_nowait(self._sent.popleft())
-
     async def next_event(self, timeout: float | None = None) -> Event | None:
-        """The next event, or None after `timeout` seconds (the pending read is kept for the next call)."""
-        if timeout is None and self._getter is None:
-            return await self._events.get()
-        if self._getter is None:
-            self._getter = asyncio.ensure_future(self._events.get())
-        done, _ = await asyncio.wait({self._getter}, timeout=timeout)
-        if not done:
-            return None
-        event, self._getter = self._getter.result(), None
-        return event
+        """The next event, or None after `timeout` seconds."""
+        while not self._sent:
+            waiter = self._waiter = self._loop.create_future()
+            if not self._sent:  # else it came between the check and the waiter
+                done, _ = await asyncio.wait({waiter}, timeout=timeout)
+                if not done and not self._sent:
+                    self._waiter = None
+                    return None
+            self._waiter = None
+        return self._sent.popleft()
 
     def ready(self) -> list[Event]:
-        """The events already here, without waiting (a stream sends them in one write when it fell behind)."""
+        """The events already here, without waiting (a stream sends them in one write)."""
         out = []
-        while self._getter is None and not self._events.empty():
-            out.append(self._events.get_nowait())
+        while self._sent:
+            out.append(self._sent.popleft())
         return out
 
     def attach(self, stream: Stream) -> None:
@@ -92,8 +90,12 @@ class Job:
             stream.stop()
 
     def discard(self) -> None:
-        if self._getter is not None:
-            self._getter.cancel()
+        self._waiter = None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 @dataclass
@@ -121,13 +123,18 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the running job after its current token, refuse what waits, and end the thread."""
+    def interrupt(self) -> None:
+        """The server is shutting down: the running job stops after its current token, waiting ones get 503,
+        new ones are refused."""
         with self._lock:
             self._closing = True
             current = self._current
         if current is not None:
             self.cancel(current)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """interrupt(), then end the thread."""
+        self.interrupt()
         self._queue.put(None)
         self._thread.join(timeout)
 
