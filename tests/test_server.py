@@ -33,10 +33,13 @@ from rotary_gguf.synth.vocab import CHAT_TEMPLATE
 
 KEY = "sk-rotary-test"
 CTX = 1024
-# ChatML that refuses two user turns in a row, as many real templates do (raise_exception).
+# ChatML that refuses two user turns in a row, as many real templates do (raise_exception), and that never
+# finishes for one message (a hostile template that passes the check at start).
 ALTERNATING = ("{%- for message in messages %}{%- if loop.index0 > 0 and message['role'] == 'user' and "
                "loop.previtem['role'] == 'user' %}{{ raise_exception('Conversation roles must alternate "
-               "user/assistant/user/assistant') }}{%- endif %}{%- endfor %}" + CHAT_TEMPLATE)
+               "user/assistant/user/assistant') }}{%- endif %}{%- if message['content'] == 'spin' %}"
+               "{%- for i in range(99999) %}{%- for j in range(99999) %}{%- endfor %}{%- endfor %}{%- endif %}"
+               "{%- endfor %}" + CHAT_TEMPLATE)
 SCHEMA = {"type": "object", "required": ["ok", "colour", "count"], "additionalProperties": False,
           "properties": {"ok": {"type": "boolean"}, "colour": {"enum": ["red", "green", "blue"]},
                          "count": {"type": "integer"}}}
@@ -233,6 +236,7 @@ BAD = [
     ("template refuses", {"model": "m", "messages": [{"role": "user", "content": "a"},
                                                      {"role": "user", "content": "b"}]}, 400, "messages"),
     ("prompt over the context", {"model": "m", "messages": _ask("word " * 3000)}, 400, "messages"),
+    ("template that never finishes", {"model": "m", "messages": _ask("spin")}, 400, "messages"),
 ]
 
 

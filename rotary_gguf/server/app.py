@@ -10,7 +10,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
@@ -28,6 +28,7 @@ from rotary_gguf.server.metrics import CONTENT_TYPE, Metrics
 from rotary_gguf.server.requests import GenerationRequest, chat_request, completion_request
 from rotary_gguf.server.responses import Reply, sse
 from rotary_gguf.server.worker import EngineWorker, Job
+from rotary_gguf.template import ChatTemplate, TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,11 @@ class Server:
         self.worker = EngineWorker(engine, self.live, config.max_queue, on_finished=self._finished)
         self.metrics = Metrics(lambda: self.worker.state, self.live)
         self.page = resources.files("rotary_gguf.server").joinpath("static/index.html").read_text("utf-8")
+        self.template: ChatTemplate | TemplateError
+        try:  # compiled and probed once, before the worker owns the engine
+            self.template = engine.chat_template()
+        except TemplateError as exc:
+            self.template = exc
 
     def _finished(self, request: GenerationRequest, g: Generation) -> None:
         stats = self.engine.rotary_stats()
@@ -174,7 +180,18 @@ class Server:
 
     # Generation
     async def chat(self, request: Request) -> Response:
-        return await self._generate(request, chat_request(await _body(request, self.config.max_body)))
+        r = chat_request(await _body(request, self.config.max_body))
+        return await self._generate(request, replace(r, prompt=self._render(r)))
+
+    def _render(self, r: GenerationRequest) -> str:
+        """The chat through the GGUF's template, here on the event loop (the main thread), where a template
+        that does not finish rendering in 2 s is stopped (templates are untrusted); the worker only tokenizes."""
+        if isinstance(self.template, TemplateError):
+            raise APIError(400, str(self.template), param="messages", code="template_error")
+        try:
+            return self.template.render([dict(m) for m in r.messages or ()])
+        except TemplateError as exc:
+            raise APIError(400, str(exc), param="messages", code="template_error") from None
 
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, completion_request(await _body(request, self.config.max_body)))

@@ -24,7 +24,6 @@ from rotary_gguf.runtime import ContextError, Engine, Generation, Sampling, Stre
 from rotary_gguf.server.errors import APIError, busy, invalid, server_error
 from rotary_gguf.server.live import LiveView
 from rotary_gguf.server.requests import GenerationRequest
-from rotary_gguf.template import TemplateError
 
 log = logging.getLogger(__name__)
 
@@ -199,17 +198,14 @@ class EngineWorker:
             job.emit(last)
 
     def _prompt(self, r: GenerationRequest) -> list[int]:
+        """The prompt's tokens (a chat arrives rendered: the event loop renders templates, under a time limit)."""
         engine = self.engine
-        if r.messages is not None:
-            try:
-                text = engine.render_chat([dict(m) for m in r.messages])
-            except TemplateError as exc:
-                raise invalid(str(exc), "messages", "template_error") from None
-            ids = engine.tokenize(text)
+        if isinstance(r.prompt, str):
+            ids = engine.tokenize(r.prompt)
         else:
-            ids = engine.tokenize(r.prompt) if isinstance(r.prompt, str) else list(r.prompt or ())
+            ids = list(r.prompt or ())
             n_vocab = engine.index.params.n_vocab
-            bad = None if isinstance(r.prompt, str) else next((t for t in ids if not 0 <= t < n_vocab), None)
+            bad = next((t for t in ids if not 0 <= t < n_vocab), None)
             if bad is not None:
                 raise invalid(f"token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})", "prompt")
         n_ctx = engine.context_size
