@@ -262,7 +262,8 @@ def test_a_prompt_over_the_context_says_how_long_and_what_fits(http):
 
 def test_other_refusals(server, http):
     big = b'{"model": "m", "prompt": "' + b"x" * (8 * 2**20) + b'"}'
-    assert http.post("/v1/completions", content=big).status_code == 413
+    too_big = http.post("/v1/completions", content=big)
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
 
     def chunked():
         yield b'{"model": "m", "prompt": "'
@@ -278,7 +279,8 @@ def test_other_refusals(server, http):
     assert httpx.get(f"{server.url}/health").status_code == 200  # open, like the page
     assert http.get("/v1/nothing").status_code == 404 and http.get("/v1/nothing").json()["error"]["message"]
     assert http.get("/v1/chat/completions").status_code == 405
-    assert http.get("/v1/models/gpt-4").status_code == 404
+    other = http.get("/v1/models/gpt-4")
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
     out_of_vocab = http.post("/v1/completions", json={"model": "m", "prompt": [10, 999999]})
     assert out_of_vocab.status_code == 400 and out_of_vocab.json()["error"]["param"] == "prompt"
     assert http.post("/v1/completions", json={"model": "m", "prompt": ["a", "b"]}).status_code == 400
@@ -291,14 +293,18 @@ def test_other_refusals(server, http):
 def test_forty_concurrent_requests_get_200_or_429_and_none_is_lost(server, http):
     body = {"model": "m", "messages": _ask("Write a long story."), "max_tokens": 48, "temperature": 0}
 
-    def one(i: int) -> tuple[int, str | None]:
+    def one(i: int) -> tuple[int, str]:
+        """(status, the answer's text; for a 429, its Retry-After and error code)."""
         with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
             if i % 2:
                 with c.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}) as r:
                     text = "".join(r.iter_text())
-                    return r.status_code, r.headers.get("retry-after") if r.status_code == 429 else text
-            r = c.post(f"{server.url}/v1/chat/completions", json=body)
-            return r.status_code, r.headers.get("retry-after") if r.status_code == 429 else r.text
+            else:
+                r = c.post(f"{server.url}/v1/chat/completions", json=body)
+                text = r.text
+            if r.status_code == 429:
+                return 429, f"{r.headers.get('retry-after')} {json.loads(text)['error']['code']}"
+            return r.status_code, text
 
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(40) as pool:
@@ -307,7 +313,7 @@ def test_forty_concurrent_requests_get_200_or_429_and_none_is_lost(server, http)
     statuses = [status for status, _ in results]
     assert len(results) == 40 and set(statuses) <= {200, 429}, statuses
     assert statuses.count(200) >= 9 and statuses.count(429) >= 1, statuses
-    assert all(int(extra) >= 1 for status, extra in results if status == 429)
+    assert all(re.fullmatch(r"[1-9]\d* rate_limit_exceeded", extra) for status, extra in results if status == 429)
     assert all("[DONE]" in extra or '"finish_reason"' in extra for status, extra in results if status == 200)
     print(f"load: 40 requests, {statuses.count(200)} x 200, {statuses.count(429)} x 429, {elapsed:.1f} s")
     assert http.get("/health").json() == {"status": "ok", "model": "tiny-moe", "queue": 0, "running": False}
