@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rotary_gguf.gguf import ModelIndex, TensorClass
-from rotary_gguf.plan import _HOST_CLASSES, Placement, plan_placement
+from rotary_gguf.gguf import ModelIndex
+from rotary_gguf.plan import Placement, dense_read_bytes, plan_placement
 from rotary_gguf.profile import Profile
 
 CANDIDATES = ("layer-fill", "experts-on-host", "rotary")
@@ -52,9 +52,7 @@ class Candidate:
 def _seconds(index: ModelIndex, placement: Placement, profile: Profile, hit_rate: float) -> float:
     """Seconds of one decoded token at this hit rate (linear in it)."""
     p = index.params
-    host_classes = {c.value for c in _HOST_CLASSES}
-    dense = sum(n for cls, n in index.loaded_bytes_by_class.items()
-                if cls not in host_classes and cls != TensorClass.TOKEN_EMBEDDING.value)
+    dense = dense_read_bytes(index)
     gpu_bw = profile.gpu_memory_gbs * 1e9 if profile.gpu_memory_gbs else 0.0
     host_bw = profile.host_ram_gbs * 1e9 if profile.host_ram_gbs else 0.0
     on_gpu = placement.vram_budget_bytes > 0 and gpu_bw > 0

@@ -356,13 +356,17 @@ def _plan_dense(index: ModelIndex, profile: Profile, budget: int, ctx: int) -> P
                      overrides=())
 
 
+def dense_read_bytes(index: ModelIndex) -> int:
+    """Weight bytes every decoded token reads besides its routed experts (the token embedding is one row)."""
+    skip = {c.value for c in _HOST_CLASSES} | {TensorClass.TOKEN_EMBEDDING.value}
+    return sum(n for cls, n in index.loaded_bytes_by_class.items() if cls not in skip)
+
+
 def estimate_decode_tok_s(index: ModelIndex, placement: Placement, profile: Profile) -> float:
     """Decode speed if every token is bound by reading its weights: the non-expert weights and the used
     experts of each layer, from VRAM at the GPU's bandwidth or from RAM at the host's (profile hints)."""
     p = index.params
-    host_classes = {c.value for c in _HOST_CLASSES}
-    dense_bytes = sum(n for cls, n in index.loaded_bytes_by_class.items()
-                      if cls not in host_classes and cls != TensorClass.TOKEN_EMBEDDING.value)
+    dense_bytes = dense_read_bytes(index)
     gpu_bytes = host_bytes = 0.0
     on_gpu = placement.vram_budget_bytes > 0
     for layer in index.moe_layers:

@@ -247,6 +247,7 @@ class Plugin:
                             t.type, t.ne0, t.ne1)
                 model._n_expert[t.layer] = t.n_expert
             model._call("set_max_batch", max_batch)
+            model.max_batch = max_batch
             model._call("attach")
         except BaseException:
             model.close()
@@ -261,6 +262,7 @@ class ModelScheduler:
     def __init__(self, plugin: Plugin, handle: int) -> None:
         self._plugin, self._handle = plugin, handle
         self._n_expert: dict[int, int] = {}
+        self.max_batch = 0  # prompt batches of more tokens are left to llama.cpp (<= 0: none are)
 
     def __enter__(self) -> ModelScheduler:
         return self

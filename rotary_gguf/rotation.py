@@ -139,6 +139,12 @@ def make_policy(name: str, layers: dict[int, LayerShape], prior: dict[int, np.nd
     return classes[name](layers, prior)
 
 
+def can_rotate(layers: dict[int, LayerShape]) -> bool:
+    """Whether any layer's slots can change: some but not all of its experts fit (no slots: the plugin only
+    counts; every expert resident: nothing to move)."""
+    return any(0 < s.n_slots < s.n_expert for s in layers.values())
+
+
 def _in_place(chosen: list[int], current: np.ndarray) -> list[int]:
     """The chosen experts in slot order, those already resident left in their slots, so that only the
     newcomers are copied (a request's seeding moves what changed, not every slot)."""
@@ -382,7 +388,7 @@ class Rotation:
         self.observer = observer  # sees every step's routing ("prompt" or "decode")
         # The plugin keeps every step's routing for us only when something reads it.
         # (Prompt seeding needs it too, unless no layer has slots or every expert is resident.)
-        self.recording = bool(rotate or trace or observer or any(0 < s.n_slots < s.n_expert for s in layers.values()))
+        self.recording = bool(rotate or trace or observer or can_rotate(layers))
         self.fixed_budget, self.pcie_gbs = budget_bytes, pcie_gbs
         self.copy_gbs: float | None = None  # the copier's measured rate, once it has copied
         self.token_seconds: float | None = None

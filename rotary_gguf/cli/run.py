@@ -133,8 +133,10 @@ def profiles_detect() -> None:
 def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, placement: str,
          layer_order: str, check: bool, as_json: bool) -> None:
     """Plan where MODEL's tensors go under a VRAM budget, before loading anything."""
+    from dataclasses import replace
+
     from rotary_gguf.cost import candidates, choose
-    from rotary_gguf.plan import estimate_decode_tok_s
+    from rotary_gguf.plan import estimate_decode_tok_s, plan_placement
     from rotary_gguf.runtime import EngineOptions, dry_run, gpu_device_name, prepare
 
     options = EngineOptions(ctx=ctx, vram_budget=size_option(vram_budget, "--vram-budget"), layer_order=layer_order)
@@ -144,9 +146,12 @@ def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | Non
     predicted = candidates(setup.index, setup.profile, vram_budget=options.vram_budget, ctx=ctx,
                            layer_order=layer_order, popularity=popularity) if setup.index.is_moe else ()
     notes = setup.notes
-    if placement == "auto":
+    if placement == "auto":  # the same index, profile and calibration, planned for the chosen strategy
         chosen, why = choose(predicted) if predicted else ("layer-fill", "auto: layer-fill (a dense model)")
-        setup = prepare(model, profile_name, chosen, options, runnable=False)
+        chosen_plan = plan_placement(setup.index, setup.profile, strategy=chosen, vram_budget=options.vram_budget,
+                                     ctx=ctx, layer_order=layer_order,
+                                     popularity=popularity if chosen == "rotary" else None)
+        setup = replace(setup, placement=chosen_plan)
         notes = setup.notes + (why,)
     for note in notes:
         click.echo(f"note: {note}", err=True)

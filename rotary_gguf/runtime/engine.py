@@ -32,11 +32,12 @@ PLACEMENTS = ("auto", "layer-fill", "experts-on-host", "rotary")
 
 
 def resolve_strategy(requested: str, options: EngineOptions, index: ModelIndex | None = None,
-                     profile: Profile | None = None) -> tuple[str, tuple[str, ...]]:
+                     profile: Profile | None = None,
+                     popularity: dict[int, np.ndarray] | None = None) -> tuple[str, tuple[str, ...]]:
     """The placement strategy that will run, and notes for the user: auto is the fastest placement the cost
     model predicts for this model and a GPU profile (rotary only where the scheduler plugin can run here),
     said in one line; otherwise rotary where it can run, else layer-fill. A rotary that cannot run falls
-    back to layer-fill, said once."""
+    back to layer-fill, said once. `popularity` is the model's calibration, if any (the predicted hit rate)."""
     if requested not in PLACEMENTS:
         raise ValueError(f"unknown placement {requested!r}")
     if options.routing_only:
@@ -45,10 +46,8 @@ def resolve_strategy(requested: str, options: EngineOptions, index: ModelIndex |
         return requested, ()
     reason = scheduler.rotary_unavailable()
     if requested == "auto" and index is not None and profile is not None and index.is_moe and profile.has_gpu:
-        calibration, _ = load_calibration(index)
         predicted = cost.candidates(index, profile, vram_budget=options.vram_budget, ctx=options.ctx,
-                                    layer_order=options.layer_order,
-                                    popularity=calibration.popularity() if calibration else None)
+                                    layer_order=options.layer_order, popularity=popularity)
         strategy, why = cost.choose(predicted, rotary_runs=reason is None)
         return strategy, (why,)
     if reason is None:
@@ -77,13 +76,14 @@ def prepare(model: str | Path, profile: Profile | str = "auto", placement: str =
     index = open_index(Path(model))
     base = load_profile(profile) if isinstance(profile, str) else profile
     effective, filled = options.for_profile(base)
-    strategy, notes = resolve_strategy(placement, options, index, effective) if runnable else (placement, ())
+    calibration, source = load_calibration(index)
+    popularity = calibration.popularity() if calibration else None
+    strategy, notes = (resolve_strategy(placement, options, index, effective, popularity) if runnable
+                       else (placement, ()))
     if not index.is_moe:
         notes += (f"{index.path.name} is a dense model (no routed experts): whole layers go to the GPU",)
-    calibration, source = load_calibration(index)
-    popularity = calibration.popularity() if calibration and strategy == "rotary" else None
     plan = plan_placement(index, effective, strategy=strategy, vram_budget=options.vram_budget, ctx=options.ctx,
-                          layer_order=options.layer_order, popularity=popularity)
+                          layer_order=options.layer_order, popularity=popularity if strategy == "rotary" else None)
     if options.routing_only:
         plan = replace(plan, expert_slots=tuple((layer, 0) for layer in index.moe_layers), slot_bytes=0)
     if runnable and gpu_device_name() is None and plan.vram_budget_bytes and strategy != "rotary":
@@ -125,7 +125,7 @@ class Engine:
                                                     popularity=popularity, trace=trace,
                                                     replay=read_trace(options.replay) if options.replay else None)
                 undo.callback(scheduler.close_scheduler, rotation)
-            loaded = load_llama(index.path, setup.placement, options)
+            loaded = load_llama(index.path, setup.placement, options, scheduler.routing_callback(rotation))
             undo.pop_all()
         return cls(setup, loaded, rotation, trace)
 

@@ -20,6 +20,10 @@ class ContextError(RotaryError):
     """The prompt does not fit the context."""
 
 
+class DecodeError(RotaryError):
+    """llama.cpp failed to evaluate a batch."""
+
+
 class GrammarError(RotaryError):
     """A grammar (or the JSON schema it comes from) that llama.cpp cannot use."""
 
@@ -82,10 +86,6 @@ def context_size(llm: Any) -> int:
     return min(llm.n_ctx(), len(llm.input_ids))
 
 
-class DecodeError(RotaryError):
-    """llama.cpp failed to evaluate a batch."""
-
-
 def can_trim(llm: Any) -> bool:
     """Whether llama.cpp can drop the end of this model's memory: not for recurrent or hybrid memory
     (qwen35moe's Gated DeltaNet layers, Mamba-style state), nor for a sliding-window KV cache that is not
@@ -136,7 +136,7 @@ class PromptCache:
         if self._checkpoint is None or prefix[: len(self._checkpoint[0])] != self._checkpoint[0]:
             return 0
         lib, (tokens, state) = llama_cpp(), self._checkpoint
-        restored = lib.llama_state_seq_set_data_ext(self.llm.ctx, state, len(state), 0, PARTIAL_ONLY)
+        restored = lib.llama_state_seq_set_data_ext(self.llm.ctx, state, len(state), SEQ, PARTIAL_ONLY)
         if not restored or not lib.llama_memory_seq_rm(lib.llama_get_memory(self.llm.ctx), SEQ, len(tokens), -1):
             return 0
         return len(tokens)
@@ -146,9 +146,9 @@ class PromptCache:
         if self._trim:
             return
         lib, ctx = llama_cpp(), self.llm.ctx
-        size = lib.llama_state_seq_get_size_ext(ctx, 0, PARTIAL_ONLY)
+        size = lib.llama_state_seq_get_size_ext(ctx, SEQ, PARTIAL_ONLY)
         state = (ctypes.c_uint8 * size)()
-        if lib.llama_state_seq_get_data_ext(ctx, state, size, 0, PARTIAL_ONLY) == size:
+        if lib.llama_state_seq_get_data_ext(ctx, state, size, SEQ, PARTIAL_ONLY) == size:
             self._checkpoint = (self.llm.input_ids[: self.llm.n_tokens].tolist(), state)
 
     def clear(self) -> None:

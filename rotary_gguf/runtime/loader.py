@@ -27,7 +27,6 @@ from rotary_gguf.runtime.llama import (
     rss_bytes,
 )
 from rotary_gguf.runtime.options import EngineOptions
-from rotary_gguf.runtime.scheduler import take_eval_callback
 
 
 class _Override(ctypes.Structure):
@@ -46,9 +45,11 @@ def _override_array(placement: Placement) -> ctypes.Array | None:
 
 
 @contextlib.contextmanager
-def _llama_construction(overrides: ctypes.Array | None, repack: bool) -> Iterator[None]:
+def _llama_construction(overrides: ctypes.Array | None, repack: bool,
+                        eval_callback: tuple[int, int | None] | None) -> Iterator[None]:
     """While Llama() runs: llama-cpp-python never sets tensor_buft_overrides (its field is 'unused'), so
-    hand it default params that already carry ours; and defer its chat-template compilation."""
+    hand it default params that already carry ours (and the context params the plugin's routing callback,
+    when given); and defer its chat-template compilation."""
     module = llama_cpp().llama_cpp
     original = module.llama_model_default_params
 
@@ -75,7 +76,10 @@ def _llama_construction(overrides: ctypes.Array | None, repack: bool) -> Iterato
             return lambda *args, **kw: eager(**self._kwargs).to_chat_handler()(*args, **kw)
 
     original_context = module.llama_context_default_params
-    callback = _eval_callback(module)
+    callback = None
+    if eval_callback is not None:
+        address, data = eval_callback
+        callback = module.ggml_backend_sched_eval_callback(address), ctypes.c_void_p(data)
 
     def context_params() -> Any:
         # Llama() builds its own context params: the rotary plugin's routing callback rides in on them.
@@ -95,16 +99,6 @@ def _llama_construction(overrides: ctypes.Array | None, repack: bool) -> Iterato
         formatters.Jinja2ChatFormatter = eager
 
 
-def _eval_callback(module: Any) -> tuple[Any, ctypes.c_void_p] | None:
-    """The scheduler plugin's eval callback for the context about to be created (rotary placements with a
-    prompt-batch threshold: it counts the routing of batches the plugin leaves to llama.cpp)."""
-    taken = take_eval_callback()
-    if taken is None:
-        return None
-    address, data = taken
-    return module.ggml_backend_sched_eval_callback(address), ctypes.c_void_p(data)
-
-
 @dataclass
 class LoadedLlama:
     """A llama_cpp.Llama with llama.cpp's accounting of its load."""
@@ -117,15 +111,17 @@ class LoadedLlama:
     _keepalive: Any = field(default=None, repr=False)  # the override array llama.cpp points into
 
 
-def load_llama(path: Path, placement: Placement | None, options: EngineOptions) -> LoadedLlama:
+def load_llama(path: Path, placement: Placement | None, options: EngineOptions,
+               eval_callback: tuple[int, int | None] | None = None) -> LoadedLlama:
     """Load a GGUF with the placement's overrides and GPU layers (None: llama.cpp's defaults, CPU) and make
-    a context; `options` must be filled from the profile (EngineOptions.for_profile)."""
+    a context; `options` must be filled from the profile (EngineOptions.for_profile). `eval_callback` is
+    the scheduler plugin's routing callback for the context (runtime.scheduler.routing_callback)."""
     overrides = _override_array(placement) if placement else None
     threads = options.threads or default_threads()
     kv = KV_TYPES[options.kv_cache_type or "f16"]
     rss = rss_bytes()
     started = time.perf_counter()
-    with captured_log() as lines, _llama_construction(overrides, options.repack):
+    with captured_log() as lines, _llama_construction(overrides, options.repack, eval_callback):
         try:
             llm = llama_cpp().Llama(
                 model_path=str(path), n_ctx=placement.ctx if placement else (options.ctx or 512),

@@ -13,7 +13,7 @@ from rotary_gguf import plugin as rotary_plugin
 from rotary_gguf.gguf import ModelIndex
 from rotary_gguf.plan import ROTARY_MAX_BATCH_GPU, Placement
 from rotary_gguf.profile import Profile
-from rotary_gguf.rotation import LayerShape, Rotation
+from rotary_gguf.rotation import LayerShape, Rotation, can_rotate
 from rotary_gguf.runtime.llama import gpu_device_name, llama_cpp
 from rotary_gguf.runtime.options import EngineOptions
 
@@ -79,34 +79,32 @@ def open_scheduler(index: ModelIndex, placement: Placement, profile: Profile, op
     its slots allocated and, with a calibration, seeded with the most popular experts; and the rotation
     that moves them. Close with close_scheduler()."""
     plugin = scheduler_plugin("cpu" if options.routing_only else None)
-    max_batch = _max_batch(options)
-    model = plugin.open_model(index, max_batch=max_batch)
-    # Batches above max_batch are llama.cpp's own: the next context counts their routing by an eval callback.
-    _state["eval_callback"] = model.eval_callback() if max_batch > 0 else None
+    model = plugin.open_model(index, max_batch=_max_batch(options))
     try:
         layers = {layer: LayerShape(model.n_expert(layer), index.params.n_expert_used, model.set_slots(layer, n),
                                     index.slot_bytes(layer)) for layer, n in placement.expert_slots}
-        # Nothing to rotate when no layer has slots (the plugin only counts) or every expert is resident.
-        movable = any(0 < s.n_slots < s.n_expert for s in layers.values())
         rotation = Rotation(model, layers, options.policy or profile.rotation_policy, pcie_gbs=profile.pcie_gbs,
                             budget_bytes=options.copy_budget, prior=popularity,
-                            rotate=options.rotate and not options.routing_only and movable, trace=trace, replay=replay)
+                            rotate=options.rotate and not options.routing_only and can_rotate(layers), trace=trace,
+                            replay=replay)
         if popularity:
             rotation.seed_from_popularity(popularity)
         for layer, shape in layers.items():  # a layer whose slots hold all its experts is filled once, now
             if shape.n_slots >= shape.n_expert and not (popularity and layer in popularity):
                 rotation.rotator.set_resident(layer, list(range(shape.n_expert)))
     except BaseException:
-        _state["eval_callback"] = None
         model.close()
         raise
     return rotation
 
 
-def take_eval_callback() -> tuple[int, int | None] | None:
-    """The eval callback (C function address, user data) the next llama context must be created with so
-    that the plugin counts the routing of batches it does not claim, or None; taken once (loader)."""
-    return _state.pop("eval_callback", None)
+def routing_callback(rotation: Rotation | None) -> tuple[int, int | None] | None:
+    """The eval callback (C function address, user data) the model's context must be created with so that
+    the plugin counts the routing of the batches above its threshold, which it leaves to llama.cpp; None
+    when there is no such batch (no rotary placement, or the plugin takes every batch)."""
+    if rotation is None or rotation.plugin.max_batch <= 0:
+        return None
+    return rotation.plugin.eval_callback()
 
 
 def close_scheduler(rotation: Rotation) -> None:
