@@ -31,6 +31,7 @@ from rotary_gguf import runtime
 from rotary_gguf.bench import BenchSpec, measure_interleaved
 from rotary_gguf.plan import plan_placement
 from rotary_gguf.profile import load_profile, parse_size
+from rotary_gguf.report import format_mean_sd
 from rotary_gguf.runtime import EngineOptions, ModelSetup, prepare
 
 
@@ -57,10 +58,6 @@ def variants(setup: ModelSetup, sweep: int, trace: Path | None) -> list[tuple[st
     return runs
 
 
-def _mean_sd(value: dict) -> str:
-    return f"{value['mean']:.1f} ± {value['sd']:.1f}"
-
-
 def markdown(result: dict) -> str:
     lines = [f"# rotary headline benchmark, {result['date']}", "",
              f"- device: {result['device']}; CPU: {result['cpu']}", f"- model: {result['model']}",
@@ -76,7 +73,8 @@ def markdown(result: dict) -> str:
         hit = f"{rotary['hit_rate']:.1%}" if rotary else "-"
         copied = f"{rotary['bytes_copied_per_token'] / 2**20:.1f}" if rotary else "-"
         lines.append(f"| {p['label']} | {rotary.get('routing', 'the model' + chr(39) + 's own')} | "
-                     f"{_mean_sd(p['prompt_tok_s'])} | {_mean_sd(p['decode_tok_s'])} | {vram} | {hit} | {copied} |")
+                     f"{format_mean_sd(p['prompt_tok_s'])} | {format_mean_sd(p['decode_tok_s'])} | {vram} | "
+                     f"{hit} | {copied} |")
     lines += ["", f"Best stock placement: {result['best_stock']} ({result['best_stock_decode_tok_s']:.1f} tok/s); "
               + "; ".join(f"{k}: {v:.2f}x" for k, v in result["rotary_vs_best_stock"].items())]
     return "\n".join(lines) + "\n"

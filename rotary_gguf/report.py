@@ -216,7 +216,8 @@ def format_telemetry(stats, placement) -> str:
     return "\n".join(lines)
 
 
-def _mean_sd(value: dict[str, float]) -> str:
+def format_mean_sd(value: dict[str, float]) -> str:
+    """{"mean", "sd"} (bench's repetitions) as "mean ± sd"."""
     return f"{value['mean']:.1f} ± {value['sd']:.1f}"
 
 
@@ -230,7 +231,7 @@ def format_bench(result) -> str:
              f"{'RSS delta':>12}  GPU expert layers or rotary hit rate"]
     for r in result.placements:
         vram = format_bytes(r.peak_vram_bytes) if r.peak_vram_bytes is not None else "-"
-        lines.append(f"{r.name:<18}{_mean_sd(r.prompt_tok_s):>15}{_mean_sd(r.decode_tok_s):>15}{vram:>12}"
+        lines.append(f"{r.name:<18}{format_mean_sd(r.prompt_tok_s):>15}{format_mean_sd(r.decode_tok_s):>15}{vram:>12}"
                      f"{format_bytes(r.peak_rss_bytes):>12}{format_bytes(r.rss_delta_bytes):>12}  "
                      + (f"{r.rotary['hit_rate']:.1%} of expert reads from slots, policy {r.rotary['policy']}"
                         if r.rotary else _layers(r.placement.gpu_expert_layers)))

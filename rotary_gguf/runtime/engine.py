@@ -64,7 +64,6 @@ class ModelSetup:
     options: EngineOptions  # unset fields filled from the profile
     placement: Placement
     calibration: Calibration | None
-    calibration_source: str
     notes: tuple[str, ...]
 
 
@@ -80,6 +79,8 @@ def prepare(model: str | Path, profile: Profile | str = "auto", placement: str =
     popularity = calibration.popularity() if calibration else None
     strategy, notes = (resolve_strategy(placement, options, index, effective, popularity) if runnable
                        else (placement, ()))
+    if calibration is None and "stale" in source:
+        notes += (source,)
     if not index.is_moe:
         notes += (f"{index.path.name} is a dense model (no routed experts): whole layers go to the GPU",)
     plan = plan_placement(index, effective, strategy=strategy, vram_budget=options.vram_budget, ctx=options.ctx,
@@ -89,7 +90,7 @@ def prepare(model: str | Path, profile: Profile | str = "auto", placement: str =
     if runnable and gpu_device_name() is None and plan.vram_budget_bytes and strategy != "rotary":
         notes += ("this llama.cpp build has no GPU backend: everything runs on the CPU "
                   "(`rotary plan` shows where tensors would go)",)
-    return ModelSetup(index, effective, filled, plan, calibration, source, notes)
+    return ModelSetup(index, effective, filled, plan, calibration, notes)
 
 
 class Engine:
