@@ -19,7 +19,15 @@ from rotary_gguf.plan import Placement, plan_placement
 from rotary_gguf.profile import Profile, load_profile
 from rotary_gguf.rotation import Rotation
 from rotary_gguf.runtime import scheduler
-from rotary_gguf.runtime.generation import Generation, PromptCache, Sampling, Stream, context_size, evaluate
+from rotary_gguf.runtime.generation import (
+    Generation,
+    PromptCache,
+    Sampling,
+    Stream,
+    context_size,
+    evaluate,
+    evaluate_logits,
+)
 from rotary_gguf.runtime.llama import Buffer, gpu_device_name, llama_cpp
 from rotary_gguf.runtime.loader import LoadedLlama, dry_run, load_llama
 from rotary_gguf.runtime.options import EngineOptions
@@ -180,9 +188,17 @@ class Engine:
                    if (host is None or b.on_host == host) and (kind is None or b.kind == kind))
 
     # Text
-    def tokenize(self, text: str) -> list[int]:
-        """Token ids of text, special tokens parsed, no BOS added (templates and prompts carry their own)."""
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        """Token ids of text; by default special tokens parsed and no BOS added (templates and prompts carry
+        their own). add_bos=True, special=False tokenize a document as llama.cpp's tools do (`common_tokenize(ctx, text,
+        true)`): BOS first when the vocabulary adds one, special-token texts taken as plain text."""
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def added_bos(self) -> int | None:
+        """The BOS token llama.cpp puts before a text (llama_vocab_get_add_bos), None when this vocab adds none."""
+        lib = llama_cpp()
+        adds = lib.llama_vocab_get_add_bos(lib.llama_model_get_vocab(self._llm.model))
+        return self._llm.token_bos() if adds else None
 
     def detokenize(self, ids: list[int] | tuple[int, ...]) -> str:
         return self._llm.detokenize(list(ids)).decode("utf-8", errors="replace")
@@ -233,6 +249,12 @@ class Engine:
         if not append:
             self._cache.reuse(ids, keep_state=False)
         evaluate(self._llm, list(ids))
+
+    def evaluate_logits(self, ids: list[int], first: int = 0) -> np.ndarray:
+        """Evaluate tokens from an empty cache, like evaluate(), and return the logits of positions
+        first..len(ids)-1 (float32, one row each; llama.cpp computes no others)."""
+        self._cache.reuse(list(ids), keep_state=False)
+        return evaluate_logits(self._llm, list(ids), first)
 
     def logits(self) -> np.ndarray:
         """Logits of the last evaluated token, read from llama.cpp."""

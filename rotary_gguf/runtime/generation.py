@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from rotary_gguf.errors import RotaryError
 from rotary_gguf.rotation import Rotation
 from rotary_gguf.runtime.llama import captured_log, last_line, llama_cpp
@@ -161,6 +163,34 @@ def evaluate(llm: Any, ids: list[int]) -> None:
         llm.eval(ids)
     except RuntimeError as exc:  # llama-cpp-python: "llama_decode returned -1"
         raise DecodeError(f"llama.cpp could not evaluate {len(ids)} token(s) after {llm.n_tokens}: {exc}") from None
+
+
+def evaluate_logits(llm: Any, ids: list[int], first: int) -> np.ndarray:
+    """Evaluate ids from an empty memory in batches of n_batch, asking llama.cpp for the logits of positions
+    first.. only (as its perplexity tool does); returns them as float32 rows (len(ids) - first, n_vocab).
+    llm.eval cannot: it keeps every position's logits or only the last."""
+    lib, n_vocab = llama_cpp(), llm.n_vocab()
+    out = np.empty((len(ids) - first, n_vocab), dtype=np.float32)
+    batch = lib.llama_batch_init(llm.n_batch, 0, 1)
+    try:
+        for start in range(0, len(ids), llm.n_batch):
+            chunk = ids[start: start + llm.n_batch]
+            batch.n_tokens = len(chunk)
+            for k, token in enumerate(chunk):
+                batch.token[k], batch.pos[k], batch.n_seq_id[k] = token, start + k, 1
+                batch.seq_id[k][0], batch.logits[k] = SEQ, start + k >= first
+            if (status := lib.llama_decode(llm.ctx, batch)) != 0:
+                raise DecodeError(f"llama.cpp could not evaluate {len(chunk)} token(s) after {start}: "
+                                  f"llama_decode returned {status}")
+            rows = start + len(chunk) - max(first, start)
+            if rows > 0:
+                logits = np.ctypeslib.as_array(lib.llama_get_logits(llm.ctx), shape=(rows * n_vocab,))
+                out[max(first, start) - first: start + len(chunk) - first] = logits.reshape(rows, n_vocab)
+            llm.input_ids[start: start + len(chunk)] = chunk
+            llm.n_tokens = start + len(chunk)
+    finally:
+        lib.llama_batch_free(batch)
+    return out
 
 
 def json_grammar(schema: dict[str, Any] | None = None) -> str:
