@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ from gguf.quants import dequantize
 from rotary_gguf.errors import SynthError
 from rotary_gguf.gguf import open_index
 from rotary_gguf.synth import PRESETS, synth_model
-from rotary_gguf.synth.spec import ModelSpec, tensor_specs
+from rotary_gguf.synth.layout import tensor_specs
+from rotary_gguf.synth.spec import ModelSpec
 from rotary_gguf.synth.weights import random_tensor
 
 PROMPT = "<|im_start|>user\nHello, experts.<|im_end|>\n<|im_start|>assistant\n"
@@ -152,3 +154,151 @@ def test_real_shapes_run_in_llama_cpp(tmp_path, stock_engine):
     assert len(generation.tokens) >= 1 or generation.stopped_at_eos
     logits = engine.logits()
     assert logits.shape == (151936,) and np.isfinite(logits).all()
+
+
+# The hybrid presets and the family fixture (tests/conftest.py) that llama.cpp's converter made from the same shapes.
+HYBRID_FAMILIES = {"qwen35moe-tiny": "qwen3_5_moe_text", "gemma4-tiny": "gemma4_text"}
+REAL_SHAPES = ("qwen3.6-35b-a3b", "gemma4-26b-a4b")
+MiB = 2**20
+
+
+@pytest.fixture(scope="module")
+def hybrid_models(models_dir) -> dict[str, Path]:
+    return {name: synth_model(models_dir / f"{name}.gguf", PRESETS[name], "f32", seed=4).path
+            for name in HYBRID_FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def real_shape_headers(models_dir) -> dict[str, Path]:
+    """The real-shape hybrid presets as sparse files (a few MB on disk each)."""
+    return {name: synth_model(models_dir / f"{name}-sparse.gguf", PRESETS[name], "q4_k", sparse=True).path
+            for name in REAL_SHAPES}
+
+
+@pytest.mark.parametrize("preset", HYBRID_FAMILIES)
+def test_hybrid_tiny_presets_generate_in_llama_cpp(hybrid_models, stock_engine, preset):
+    engine = stock_engine(hybrid_models[preset], ctx=512)
+    generation = engine.complete(PROMPT, 6)
+    assert len(generation.tokens) >= 1 or generation.stopped_at_eos
+    logits = engine.logits()
+    assert np.isfinite(logits).all() and logits.std() > 0
+
+
+@pytest.mark.parametrize("preset", HYBRID_FAMILIES)
+def test_hybrid_experts_are_indexed(hybrid_models, preset):
+    """Fused gate_up and down blocks per expert (and gemma4's per-expert down scale); the MTP block holds no slots."""
+    spec = PRESETS[preset]
+    index = open_index(hybrid_models[preset])
+    blocks = {(b.proj, b.part) for b in index.experts}
+    scale = {("down", "scale")} if spec.arch == "gemma4" else set()
+    assert blocks == {("gate_up", "weight"), ("down", "weight")} | scale
+    assert index.moe_layers == tuple(range(spec.n_layer))
+    assert index.nextn_layers == tuple(range(spec.n_layer, spec.n_layer + spec.n_nextn))
+    assert index.params.n_expert == spec.n_expert and index.params.n_ff_exp == spec.n_ff_exp
+
+
+def _layout(path: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Tensor name -> ggml shape, gate and up experts fused as gate_up; the architecture's metadata keys."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    shapes = {t.name: tuple(int(n) for n in t.shape) for t in reader.tensors}
+    for gate in [n for n in shapes if n.endswith("ffn_gate_exps.weight")]:
+        e, f, x = shapes.pop(gate)
+        shapes.pop(gate.replace("gate_exps", "up_exps"))
+        shapes[gate.replace("gate_exps", "gate_up_exps")] = (e, 2 * f, x)
+    arch = str(reader.fields["general.architecture"].contents())
+    return shapes, {k for k in reader.fields if k.startswith(arch + ".")}
+
+
+@pytest.mark.parametrize("preset", HYBRID_FAMILIES)
+def test_hybrid_layout_is_the_converters(hybrid_models, family_models, preset):
+    """Tensor names, shapes and metadata keys of the tiny preset are what llama.cpp's convert_hf_to_gguf.py
+    writes for the same shapes, but for the differences the presets mean: the converter ran with --no-mtp
+    (the preset has one MTP block), and gemma4's full-attention layers reuse K as V (the 26B-A4B's
+    attention_k_eq_v; the fixture has v projections) and its softcap is the 26B-A4B's."""
+    ours, our_keys = _layout(hybrid_models[preset])
+    theirs, their_keys = _layout(family_models(HYBRID_FAMILIES[preset]))
+    spec = PRESETS[preset]
+    mtp = [n for n in ours if n.startswith(f"blk.{spec.n_layer}.")]
+    assert bool(mtp) == (spec.n_nextn > 0)
+    full_v = {f"blk.{i}.attn_v.weight" for i in range(spec.n_layer) if (i + 1) % spec.full_attention_interval == 0}
+    expected = {n: s for n, s in theirs.items() if not (spec.arch == "gemma4" and n in full_v)}
+    assert {n: s for n, s in ours.items() if n not in mtp} == expected
+    extra = {"qwen35moe.nextn_predict_layers"} if spec.arch == "qwen35moe" else {"gemma4.final_logit_softcapping"}
+    assert our_keys == their_keys | extra
+
+
+def test_real_shape_presets_are_sparse_and_fast(real_shape_headers):
+    """The vocabulary padded to 248,320 / 262,144 tokens is written in well under a second or two."""
+    for name, path in real_shape_headers.items():
+        index = open_index(path)
+        assert index.params.n_vocab == PRESETS[name].n_vocab
+        assert path.stat().st_blocks * 512 < 50e6
+    q36 = open_index(real_shape_headers["qwen3.6-35b-a3b"])
+    assert q36.nextn_layers == (40,) and q36.moe_layers == tuple(range(40))
+    assert 17e9 < q36.bytes_by_class["routed_expert"] < 20e9
+
+
+@pytest.mark.parametrize("ctx, kv_mib", [(4096, 80), (32768, 640)])
+def test_qwen36_memory_is_the_issues(real_shape_headers, ctx, kv_mib):
+    """rtx4060-laptop-8gb with an f16 KV cache: 10 attention layers x 2 KV heads x 256 x 2 per token, and
+    30 Gated DeltaNet layers' state (62.8 MiB); the MTP block gets no expert slots."""
+    from rotary_gguf.plan import plan_placement
+    from rotary_gguf.profile import load_profile
+
+    index = open_index(real_shape_headers["qwen3.6-35b-a3b"])
+    profile = load_profile("rtx4060-laptop-8gb")
+    assert profile.kv_cache_type == "f16"
+    plan = plan_placement(index, profile, strategy="layer-fill", ctx=ctx)
+    assert plan.kv_bytes == kv_mib * MiB
+    assert round(plan.state_bytes / MiB, 1) == 62.8
+    rotary = plan_placement(index, profile, strategy="rotary", ctx=ctx)
+    assert [layer for layer, _ in rotary.expert_slots] == list(range(40))
+
+
+@pytest.mark.parametrize("preset", REAL_SHAPES)
+def test_real_shape_presets_inspect_and_plan_under_every_profile(real_shape_headers, preset):
+    from click.testing import CliRunner
+
+    from rotary_gguf.cli import main
+    from rotary_gguf.profile import profile_names
+
+    path = str(real_shape_headers[preset])
+    runner = CliRunner()
+    assert runner.invoke(main, ["inspect", path]).exit_code == 0
+    for profile in profile_names():
+        result = runner.invoke(main, ["plan", path, "--profile", profile])
+        assert result.exit_code == 0, (profile, result.output)
+        assert "total" in result.output
+
+
+@pytest.mark.parametrize("preset", REAL_SHAPES)
+def test_llama_cpp_accepts_the_real_shape_headers(real_shape_headers, preset):
+    """llama.cpp's dry run (no_alloc) loads the sparse file and builds a context: names, shapes and keys pass."""
+    from click.testing import CliRunner
+
+    from rotary_gguf.cli import main
+
+    result = CliRunner().invoke(main, ["plan", str(real_shape_headers[preset]), "--profile", "rtx4060-laptop-8gb",
+                                       "--ctx", "4096", "--check"])
+    assert result.exit_code == 0, result.output
+    assert "dry run" in result.output and "compute buffers" in result.output
+
+
+def test_synth_cli_sparse_and_layout_errors(tmp_path):
+    from click.testing import CliRunner
+
+    from rotary_gguf.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "q36.gguf"
+    result = runner.invoke(main, ["synth", str(out), "--preset", "qwen3.6-35b-a3b", "--sparse"])
+    assert result.exit_code == 0, result.output
+    assert "qwen35moe, Q4_K, header only" in result.output
+    assert out.stat().st_blocks * 512 < 50e6 < out.stat().st_size
+    for args in (["--arch", "qwen35moe"], ["--preset", "gemma4-tiny", "--arch", "llama"]):
+        bad = runner.invoke(main, ["synth", str(tmp_path / "x.gguf"), *args])
+        assert bad.exit_code == 2 and "from their own presets" in bad.output
+        assert len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.gguf").exists()

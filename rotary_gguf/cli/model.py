@@ -9,7 +9,7 @@ import click
 
 from rotary_gguf.cli import Failure, LazyBar, main
 from rotary_gguf.report import format_bytes, format_index
-from rotary_gguf.synth import ARCHITECTURES, PRESET_DEFAULT_TYPE, PRESETS, TYPE_NAMES
+from rotary_gguf.synth import ARCHITECTURES, HYBRID_ARCHITECTURES, PRESET_DEFAULT_TYPE, PRESETS, TYPE_NAMES
 
 HF_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 
@@ -47,28 +47,38 @@ def inspect(model: Path, as_json: bool) -> None:
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
-              help="Model shapes: tiny (tests), small (CPU benchmarks), qwen3-30b-a3b (real shapes, ~17 GB).")
+              help="Model shapes: tiny (tests), small (CPU benchmarks), qwen35moe-tiny and gemma4-tiny (tests of "
+                   "those layouts); real shapes: qwen3-30b-a3b (~17 GB), qwen3.6-35b-a3b (~20 GB), "
+                   "gemma4-26b-a4b (~18 GB).")
 @click.option("--type", "qtype", type=click.Choice(sorted(TYPE_NAMES)), default=None,
-              help="ggml type of the weights [default: f32 for tiny, q4_k otherwise].")
-@click.option("--arch", type=click.Choice(ARCHITECTURES), default="qwen3moe", show_default=True,
-              help="Tensor layout: qwen3moe, qwen2moe (shared expert), llama (Mixtral), olmoe, gpt-oss (biases).")
+              help="ggml type of the weights [default: f32 for the tiny presets, q4_k otherwise].")
+@click.option("--arch", type=click.Choice(ARCHITECTURES + HYBRID_ARCHITECTURES), default=None,
+              help="Tensor layout [default: the preset's]: qwen3moe, qwen2moe (shared expert), llama (Mixtral), "
+                   "olmoe, gpt-oss (biases) lay out any of their presets; qwen35moe (Gated DeltaNet hybrid) and "
+                   "gemma4 (sliding + full attention) come from their own presets.")
+@click.option("--sparse", is_flag=True,
+              help="Write the header and leave the tensor data as a hole (a few MB on disk): the file indexes, "
+                   "plans and passes llama.cpp's dry run like the real model, but holds zeros and cannot "
+                   "produce meaningful text.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def synth(out: Path, preset: str, qtype: str | None, arch: str, seed: int, force: bool) -> None:
+def synth(out: Path, preset: str, qtype: str | None, arch: str | None, sparse: bool, seed: int, force: bool) -> None:
     """Write a synthetic random-weight MoE GGUF that llama.cpp loads and runs."""
     from rotary_gguf.synth import synth_model
     from rotary_gguf.synth.spec import for_arch
 
     if out.exists() and not force:
         raise Failure(f"{out}: exists; pass --force to overwrite")
+    spec = for_arch(PRESETS[preset], arch or PRESETS[preset].arch)
     bar = LazyBar(f"writing {out.name}")
     try:
-        result = synth_model(out, for_arch(PRESETS[preset], arch), qtype or PRESET_DEFAULT_TYPE[preset], seed=seed,
-                             description=f"rotary synth {preset} {arch}", progress=bar)
+        result = synth_model(out, spec, qtype or PRESET_DEFAULT_TYPE[preset], seed=seed, sparse=sparse,
+                             description=f"rotary synth {preset} {spec.arch}", progress=bar)
     finally:
         bar.close()
-    click.echo(f"wrote {result.path} ({format_bytes(result.nbytes)}, preset {preset}, {arch}, "
-               f"{result.qtype.name}, seed {seed}) in {result.seconds:.1f} s")
+    what = "header only, data left as a hole" if sparse else f"seed {seed}"
+    click.echo(f"wrote {result.path} ({format_bytes(result.nbytes)}, preset {preset}, {spec.arch}, "
+               f"{result.qtype.name}, {what}) in {result.seconds:.1f} s")
 
 
 @main.command("synth-hf")

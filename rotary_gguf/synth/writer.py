@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGUFWriter, LlamaFileType
+from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 from gguf.quants import quant_shape_to_byte_shape
 
 from rotary_gguf.errors import SynthError
-from rotary_gguf.synth.spec import ModelSpec, TensorSpec, tensor_specs, with_vocab
+from rotary_gguf.synth.layout import add_hparams, tensor_specs
+from rotary_gguf.synth.spec import ModelSpec, TensorSpec, with_vocab
 from rotary_gguf.synth.vocab import add_tokenizer, embedded_vocabulary
 from rotary_gguf.synth.weights import FLOAT_TYPES, QUANT_TYPES, random_tensor, supported
 
@@ -30,9 +31,6 @@ log = logging.getLogger(__name__)
 
 TYPE_NAMES: dict[str, T] = {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0, "q4_0": T.Q4_0,
                             "q4_k": T.Q4_K, "q6_k": T.Q6_K}
-_FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.Q8_0: LlamaFileType.MOSTLY_Q8_0,
-               T.Q4_0: LlamaFileType.MOSTLY_Q4_0, T.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
-               T.Q6_K: LlamaFileType.MOSTLY_Q6_K}
 Progress = Callable[[int, int], None]  # (bytes written, total bytes)
 
 
@@ -49,7 +47,7 @@ def tensor_type(tensor: TensorSpec, base: T) -> T:
     """The ggml type a tensor gets: norms, routers and biases stay F32 (as llama.cpp's quantizer keeps
     them); the output head of a Q4_K model is Q6_K (as Q4_K_M); rows too short for the asked block fall
     back to Q8_0, then F16 (as llama.cpp's quantizer does)."""
-    if tensor.role in ("norm", "small", "router"):
+    if tensor.role in ("norm", "small", "router", "constant"):
         return T.F32
     want = T.Q6_K if tensor.role == "output" and base is T.Q4_K else base
     for candidate in (want, T.Q8_0, T.F16):
@@ -66,35 +64,9 @@ def _nbytes(shape: tuple[int, ...], qtype: T) -> int:
 def _data(rng: np.random.Generator, tensor: TensorSpec, qtype: T) -> np.ndarray:
     if tensor.role == "norm":
         return np.ones(tuple(reversed(tensor.shape)), dtype=np.float32)
+    if tensor.role == "constant":
+        return np.array(tensor.values, dtype=np.float32).reshape(tuple(reversed(tensor.shape)))
     return random_tensor(rng, tensor.shape, qtype, tensor.std)
-
-
-def _add_hparams(writer: GGUFWriter, spec: ModelSpec, qtype: T, description: str) -> None:
-    writer.add_name(description.split(":")[0])
-    writer.add_description(description)
-    writer.add_file_type(int(_FILE_TYPES[qtype]))
-    writer.add_quantization_version(2)
-    writer.add_context_length(spec.n_ctx_train)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    # llama (Mixtral) and olmoe read the expert width from feed_forward_length.
-    expert_width_in_ff = spec.arch in ("llama", "olmoe")
-    writer.add_feed_forward_length(spec.n_ff_exp if expert_width_in_ff else spec.n_ff_exp * spec.n_expert_used)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_key_length(spec.head_dim)
-    writer.add_value_length(spec.head_dim)
-    writer.add_rope_dimension_count(spec.head_dim)
-    writer.add_layer_norm_rms_eps(1e-6)
-    writer.add_rope_freq_base(spec.rope_theta)
-    writer.add_expert_count(spec.n_expert)
-    writer.add_expert_used_count(spec.n_expert_used)
-    if not expert_width_in_ff:
-        writer.add_expert_feed_forward_length(spec.n_ff_exp)
-    if spec.n_ff_shexp:
-        writer.add_expert_shared_feed_forward_length(spec.n_ff_shexp)
-    if spec.arch == "gpt-oss":
-        writer.add_sliding_window(spec.sliding_window)
 
 
 def _add_tensor_infos(writer: GGUFWriter, plan: list[tuple[TensorSpec, T]]) -> int:
@@ -150,7 +122,7 @@ def synth_model(
     tmp = Path(tmp_name)
     try:
         writer = GGUFWriter(tmp, spec.arch)
-        _add_hparams(writer, spec, base, f"{description}: random weights, seed {seed}")
+        add_hparams(writer, spec, base, f"{description}: random weights, seed {seed}")
         add_tokenizer(writer, spec.n_vocab, chat_template)
         data_bytes = _add_tensor_infos(writer, plan)
         if not sparse:
