@@ -32,6 +32,30 @@ class CalibrationError(RotaryError):
 
 
 @dataclass(frozen=True)
+class LayerRouting:
+    """One layer's routing concentration: entropy of its expert popularity (bits; uniform routing has
+    log2 of the expert count), and the share of selections taken by its most popular eighth and quarter."""
+
+    layer: int
+    entropy_bits: float
+    uniform_bits: float
+    top_eighth_share: float
+    top_quarter_share: float
+
+
+def routing_summary(layers: list[LayerRouting]) -> str:
+    """One line: each statistic's mean over the layers and its range."""
+    def stat(values: list[float], fmt: str) -> str:
+        return f"{fmt.format(np.mean(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+    return (f"routing entropy {stat([r.entropy_bits for r in layers], '{:.2f}')} bits of "
+            f"{layers[0].uniform_bits:.2f} for uniform; the top 1/8 of experts take "
+            f"{stat([100 * r.top_eighth_share for r in layers], '{:.0f}%')}, the top 1/4 "
+            f"{stat([100 * r.top_quarter_share for r in layers], '{:.0f}%')} of selections (mean over "
+            f"{len(layers)} layers, range)")
+
+
+@dataclass(frozen=True)
 class Calibration:
     """Per-layer expert selection counts over a calibration set."""
 
@@ -51,6 +75,17 @@ class Calibration:
         for layer, counts in self.prompt_counts.items():
             total = np.asarray(counts, float) + np.asarray(self.generated_counts.get(layer, counts), float)
             out[layer] = total / total.sum() if total.sum() else np.full(len(total), 1 / len(total))
+        return out
+
+    def routing(self) -> list[LayerRouting]:
+        """How concentrated each layer's routing is (prompt and generated tokens together)."""
+        out = []
+        for layer, share in sorted(self.popularity().items()):
+            ranked = np.sort(share)[::-1]
+            nonzero = share[share > 0]
+            n = len(share)
+            out.append(LayerRouting(layer, max(0.0, float(-(nonzero * np.log2(nonzero)).sum())), float(np.log2(n)),
+                                    float(ranked[:max(1, n // 8)].sum()), float(ranked[:max(1, n // 4)].sum())))
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -40,6 +40,18 @@ def _metadata(calibration: Calibration) -> list[tuple[str, object, gguf.GGUFValu
     return items
 
 
+def copy_metadata(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, skip: tuple[str, ...] = ()) -> None:
+    """Every key-value of reader's file into writer, except the architecture and alignment (the writer's
+    own) and keys starting with one of `skip`."""
+    for field in reader.fields.values():
+        if (field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.ALIGNMENT)
+                or field.name.startswith(("GGUF.", *skip))):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+
+
 def embed(index: ModelIndex, calibration: Calibration, out: Path, *, force: bool = False,
           progress: Callable[[int, int], None] | None = None) -> Path:
     """Write OUT: index's GGUF with the calibration embedded; temp file + rename, nothing left on failure."""
@@ -55,13 +67,7 @@ def embed(index: ModelIndex, calibration: Calibration, out: Path, *, force: bool
     try:
         writer.data_alignment = ALIGNMENT
         writer.add_uint32(gguf.Keys.General.ALIGNMENT, ALIGNMENT)
-        for field in reader.fields.values():
-            if (field.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.ALIGNMENT)
-                    or field.name.startswith(("GGUF.", PREFIX))):
-                continue
-            kind = field.types[0]
-            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+        copy_metadata(reader, writer, skip=(PREFIX,))
         for key, value, kind in _metadata(calibration):
             writer.add_key_value(key, value, kind, sub_type=gguf.GGUFValueType.UINT32 if isinstance(value, list)
                                  else None)

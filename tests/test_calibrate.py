@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rotary_gguf.calibration import load_calibration, read_sidecar
+from rotary_gguf.calibration import Calibration, load_calibration, read_sidecar, routing_summary
 from rotary_gguf.cli import main
 from rotary_gguf.gguf import open_index
 from rotary_gguf.trace import read_trace
@@ -107,3 +107,17 @@ def test_plan_predicts_reads_from_calibration(calibrated, slot_budget):
     assert plan["calibrated"] and 0 < slots < 8
     shares = [sorted(p, reverse=True)[:slots] for p in cal.popularity().values()]
     assert plan["predicted_device_read_share"] == round(float(np.mean([sum(s) for s in shares])), 4)
+
+
+def test_routing_statistics_of_known_counts():
+    # Layer 0: all selections on one of 16 experts; layer 1: uniform over 16.
+    skewed, uniform = (80,) + (0,) * 15, (5,) * 16
+    cal = Calibration("m.gguf", 1, "", "hand-made", 1, 80, 80, {0: skewed, 1: uniform}, {0: skewed, 1: uniform})
+    first, second = cal.routing()
+    assert (first.layer, first.entropy_bits, first.uniform_bits) == (0, 0.0, 4.0)
+    assert first.top_eighth_share == first.top_quarter_share == 1.0
+    assert second.entropy_bits == pytest.approx(4.0)
+    assert (second.top_eighth_share, second.top_quarter_share) == (0.125, 0.25)
+    assert routing_summary([first, second]) == ("routing entropy 2.00 (0.00-4.00) bits of 4.00 for uniform; the top "
+                                                "1/8 of experts take 56% (12%-100%), the top 1/4 62% (25%-100%) of "
+                                                "selections (mean over 2 layers, range)")

@@ -33,7 +33,7 @@ def calibrate(model: Path, prompts_file: Path | None, tokens: int, out: Path | N
     """Count how often each layer of MODEL selects each expert, for prompt and generated tokens."""
     from rotary_gguf.calibrate import calibrate as run
     from rotary_gguf.calibrate import plot_heatmap
-    from rotary_gguf.calibration import sidecar_path, write_sidecar
+    from rotary_gguf.calibration import routing_summary, sidecar_path, write_sidecar
     from rotary_gguf.embed import embed as write_gguf
     from rotary_gguf.gguf import open_index
 
@@ -58,6 +58,7 @@ def calibrate(model: Path, prompts_file: Path | None, tokens: int, out: Path | N
         written = write_sidecar(result, out or sidecar_path(model))
     click.echo(f"wrote {written} ({result.prompts} prompts, {result.prompt_tokens} prompt and "
                f"{result.generated_tokens} generated tokens; {result.description})")
+    click.echo(routing_summary(result.routing()))
     if trace_out:
         click.echo(f"wrote {trace_out}")
     if plot:
