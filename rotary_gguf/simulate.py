@@ -5,6 +5,10 @@ The simulator drives the same Rotator as the running plugin (rotation.py), so on
 budget. Decode speed is predicted from the profile's bandwidths, bound by weight reads: per token the
 non-expert weights and the hits come from VRAM while the misses are computed from host RAM
 concurrently, and the copies must fit the PCIe link in the same time.
+
+The yardstick beside the policies is the offline optimum on the same trace and slots (no copy budget):
+Belady's MIN with immediate admission, and Belady's rule under the runtime's admission delay (see
+`offline_optimum`).
 """
 
 from __future__ import annotations
@@ -32,13 +36,23 @@ class SimulationResult:
     decode_tokens: int
     predicted_decode_tok_s: float
     static_hit_rate: float  # the same slots seeded from each prompt, never rotated
+    optimal_hit_rate: float = 0.0  # OfflineOptimum.hit_rate
+    optimal_delayed_hit_rate: float = 0.0  # OfflineOptimum.delayed_hit_rate
+
+    @property
+    def share_of_optimal(self) -> float:
+        """The policy's hit rate over the offline optimum under the runtime's admission delay."""
+        return self.hit_rate / self.optimal_delayed_hit_rate if self.optimal_delayed_hit_rate else 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"policy": self.policy, "slots": self.slots, "hit_rate": round(self.hit_rate, 4),
                 "bytes_copied_per_token": round(self.bytes_copied_per_token),
                 "budget_bytes": self.budget_bytes, "decode_tokens": self.decode_tokens,
                 "predicted_decode_tok_s": round(self.predicted_decode_tok_s, 1),
-                "static_hit_rate": round(self.static_hit_rate, 4)}
+                "static_hit_rate": round(self.static_hit_rate, 4),
+                "optimal_hit_rate": round(self.optimal_hit_rate, 4),
+                "optimal_delayed_hit_rate": round(self.optimal_delayed_hit_rate, 4),
+                "share_of_optimal": round(self.share_of_optimal, 4)}
 
 
 def slots_for_vram(trace: Trace, vram_bytes: int) -> int:
@@ -69,6 +83,94 @@ def default_budget(trace: Trace, slots: int, profile: Profile) -> int:
     return int(COPY_BUDGET_SHARE * profile.pcie_gbs * 1e9 / max(predict_decode_tok_s(trace, static, 0, profile), 1e-9))
 
 
+@dataclass(frozen=True)
+class OfflineOptimum:
+    """Hit rates of an oracle that knows the whole trace, with the same slots per layer and no copy budget.
+
+    hit_rate: Belady's MIN with immediate admission (an expert missed at token i may serve from token i+1),
+    optimal here. delayed_hit_rate: Belady's rule under the runtime's admission delay (missed at token i,
+    serving from token i+2, its victim gone from token i+1): an achievable schedule, so a lower bound of the
+    true delayed optimum, which it can miss (docs/rotation.md, "The yardstick")."""
+
+    hit_rate: float
+    delayed_hit_rate: float
+
+
+def offline_optimum(trace: Trace, slots: int) -> OfflineOptimum:
+    """The oracle on every layer of the trace over its decoded tokens. Each prompt seeds the slots as the
+    runtime does (Rotator.after_prompt, ties to the oracle's own residents); between prompts, after each
+    token the oracle keeps, of its residents and the token's misses, the `slots` needed soonest."""
+    return OfflineOptimum(_oracle_hit_rate(trace, slots, delayed=False), _oracle_hit_rate(trace, slots, delayed=True))
+
+
+def _oracle_hit_rate(trace: Trace, slots: int, delayed: bool) -> float:
+    h = trace.header
+    n = min(slots, h.n_expert)
+    layers = {layer: LayerShape(h.n_expert, h.n_expert_used, n, 0) for layer in h.layers}
+    seeder = Rotator(layers, make_policy("lru", layers))  # only its prompt seeding is used
+    serving = np.zeros((len(layers), h.n_expert), dtype=bool)
+    pending = np.zeros_like(serving)  # admitted after the last token, serving from the next but one
+    hits = reads = 0
+    for prompt, decoded in _requests(trace):
+        if prompt is not None:
+            serving, pending = _seed(seeder, serving | pending, prompt), np.zeros_like(pending)
+        counts = np.zeros((len(decoded), len(layers), h.n_expert), dtype=np.int64)
+        for t, routing in enumerate(decoded):
+            for layer, ids in routing.items():
+                counts[t, seeder.row[layer]] += np.bincount(ids, minlength=h.n_expert)
+        reads += int(counts.sum())
+        if n and len(decoded):
+            hits += _belady(counts, serving, pending, n, delayed)
+    return hits / reads if reads else 0.0
+
+
+def _requests(trace: Trace) -> list[tuple[dict[int, np.ndarray] | None, list[dict[int, np.ndarray]]]]:
+    """The trace as (prompt routing or None, the decoded tokens' routing after it)."""
+    out: list[tuple[dict[int, np.ndarray] | None, list[dict[int, np.ndarray]]]] = []
+    for phase, routing in trace.steps:
+        if phase == "prompt" or not out:
+            out.append((routing if phase == "prompt" else None, []))
+        if phase == "decode":
+            out[-1][1].append(routing)
+    return out
+
+
+def _seed(seeder: Rotator, resident: np.ndarray, prompt: dict[int, np.ndarray]) -> np.ndarray:
+    """The runtime's prompt seeding (Rotator.after_prompt) from the oracle's residents."""
+    for layer, row in seeder.row.items():
+        seeder.set_resident(layer, np.flatnonzero(resident[row]).tolist())
+    seeder.after_prompt(prompt)
+    return np.stack([seeder.slot_of[layer] >= 0 for layer in sorted(seeder.row)])
+
+
+def _belady(counts: np.ndarray, serving: np.ndarray, pending: np.ndarray, n: int, delayed: bool) -> int:
+    """Hits over counts [tokens, layers, experts] (selections), updating serving and pending in place.
+    After each token, of the residents (the copies in flight committed, as Rotator._commit) and the token's
+    misses, the n used again soonest stay: a resident's next use counts from the next token, a miss's from
+    the token it can first serve (the next but one when delayed); the others are evicted or not admitted."""
+    tokens = len(counts)
+    never = tokens + 1
+    requested = counts > 0
+    # next_use[t]: the first token after t that selects the expert (never: not in this request)
+    next_use = np.full((tokens + 1, *counts.shape[1:]), never, dtype=np.int64)
+    for t in range(tokens - 2, -1, -1):
+        next_use[t] = np.where(requested[t + 1], t + 1, next_use[t + 1])
+    hits = 0
+    for t in range(tokens):
+        hits += int(counts[t][serving].sum())
+        resident = serving | pending
+        newcomer = requested[t] & ~resident
+        key = np.where(resident, next_use[t], np.where(newcomer, next_use[t + delayed], never))
+        # Residents first among equals; keep the n nearest; admit no expert that is not needed again.
+        rank = np.argsort(2 * key + newcomer, axis=1, kind="stable")[:, :n]
+        keep = np.zeros_like(resident)
+        np.put_along_axis(keep, rank, True, axis=1)
+        keep &= resident | newcomer & (key < never)
+        serving[:] = keep & (resident if delayed else resident | newcomer)
+        pending[:] = keep & newcomer if delayed else False
+    return hits
+
+
 def _run(trace: Trace, slots: int, policy: str, budget: int | None, rotate: bool,
          prior: dict[int, np.ndarray] | None) -> Rotator:
     h = trace.header
@@ -90,15 +192,25 @@ def _run(trace: Trace, slots: int, policy: str, budget: int | None, rotate: bool
 
 
 def simulate(trace: Trace, slots: int, policy: str, profile: Profile, *, budget_bytes: int | None = None,
-             prior: dict[int, np.ndarray] | None = None) -> SimulationResult:
-    """Replay the trace with `slots` per layer; budget_bytes None: the runtime's default from the profile."""
+             prior: dict[int, np.ndarray] | None = None, optimum: OfflineOptimum | None = None) -> SimulationResult:
+    """Replay the trace with `slots` per layer; budget_bytes None: the runtime's default from the profile.
+    optimum: offline_optimum(trace, slots) when already computed (it does not depend on the policy)."""
     budget = default_budget(trace, slots, profile) if budget_bytes is None else budget_bytes
     rotated = _run(trace, slots, policy, budget, True, prior)
     static = _run(trace, slots, policy, budget, False, prior)
+    best = offline_optimum(trace, slots) if optimum is None else optimum
     tokens = trace.decode_steps
     copied = sum(c.bytes_copied for c in rotated.counters.values()) / max(1, tokens)
     return SimulationResult(policy, slots, rotated.hit_rate, copied, budget, tokens,
-                            predict_decode_tok_s(trace, rotated.hit_rate, copied, profile), static.hit_rate)
+                            predict_decode_tok_s(trace, rotated.hit_rate, copied, profile), static.hit_rate,
+                            best.hit_rate, best.delayed_hit_rate)
+
+
+def simulate_policies(trace: Trace, slots: int, policies: list[str], profile: Profile, *,
+                      budget_bytes: int | None = None) -> list[SimulationResult]:
+    """simulate() for each policy, the offline optimum computed once."""
+    optimum = offline_optimum(trace, slots)
+    return [simulate(trace, slots, p, profile, budget_bytes=budget_bytes, optimum=optimum) for p in policies]
 
 
 def plot_curve(trace: Trace, policies: list[str], profile: Profile, out: Path, budget_bytes: int | None) -> Path:
@@ -107,10 +219,12 @@ def plot_curve(trace: Trace, policies: list[str], profile: Profile, out: Path, b
     n = trace.header.n_expert
     points = sorted({max(1, round(n * f)) for f in (1 / 32, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)})
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    results = {p: [simulate(trace, k, p, profile, budget_bytes=budget_bytes) for k in points] for p in policies}
-    for policy, rows in results.items():
-        axes.plot(points, [r.hit_rate for r in rows], marker="o", label=policy)
-    axes.plot(points, [r.static_hit_rate for r in results[policies[0]]], linestyle="--", label="no rotation")
+    runs = [simulate_policies(trace, k, policies, profile, budget_bytes=budget_bytes) for k in points]
+    for i, policy in enumerate(policies):
+        axes.plot(points, [rows[i].hit_rate for rows in runs], marker="o", label=policy)
+    axes.plot(points, [rows[0].static_hit_rate for rows in runs], linestyle="--", label="no rotation")
+    axes.plot(points, [rows[0].optimal_delayed_hit_rate for rows in runs], linestyle=":",
+              label="offline optimum (admission delay)")
     label = "synthetic" if trace.header.synthetic else "recorded"
     axes.set(xlabel=f"slots per layer (of {n} experts)", ylabel="expert reads served from VRAM",
              title=f"{trace.header.model} ({label} trace)", ylim=(0, 1))

@@ -25,10 +25,10 @@ from rotary_gguf.rotation import POLICIES
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str, budget: str | None,
              profile_name: str, plot: Path | None, as_json: bool) -> None:
-    """Replay TRACE against slots and rotation policies: hit rate, bytes copied, predicted decode speed."""
+    """Replay TRACE against slots and rotation policies: hit rate, its share of the offline optimum, bytes
+    copied, predicted decode speed."""
     from rotary_gguf.profile import load_profile
-    from rotary_gguf.simulate import plot_curve, slots_for_vram
-    from rotary_gguf.simulate import simulate as run
+    from rotary_gguf.simulate import plot_curve, simulate_policies, slots_for_vram
     from rotary_gguf.trace import read_trace
 
     if (slots is None) == (vram is None):
@@ -38,7 +38,7 @@ def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str,
     k = slots if slots is not None else slots_for_vram(trace, size_option(vram, "--vram"))
     policies = list(POLICIES) if policy == "all" else [policy]
     budget_bytes = size_option(budget, "--budget")
-    results = [run(trace, k, p, profile, budget_bytes=budget_bytes) for p in policies]
+    results = simulate_policies(trace, k, policies, profile, budget_bytes=budget_bytes)
     kind = "synthetic" if trace.header.synthetic else "recorded"
     if plot:
         plot_curve(trace, policies, profile, plot, budget_bytes)
@@ -52,9 +52,12 @@ def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str,
     click.echo(f"{trace_path.name}: {kind} trace of {trace.header.model}, {trace.decode_steps} decoded tokens, "
                f"{len(trace.header.layers)} layers x {trace.header.n_expert} experts; {k} slots per layer; "
                f"bandwidths of {profile.name}")
-    click.echo(f"{'policy':<8}{'hit rate':>10}{'no rotation':>13}{'copied/token':>14}{'budget':>12}{'pred. tok/s':>13}")
+    click.echo(f"offline optimum: {results[0].optimal_hit_rate:.1%} (immediate admission), "
+               f"{results[0].optimal_delayed_hit_rate:.1%} (with the runtime's admission delay)")
+    click.echo(f"{'policy':<8}{'hit rate':>10}{'of optimum':>12}{'no rotation':>13}{'copied/token':>14}{'budget':>12}"
+               f"{'pred. tok/s':>13}")
     for r in results:
-        click.echo(f"{r.policy:<8}{r.hit_rate:>10.1%}{r.static_hit_rate:>13.1%}"
+        click.echo(f"{r.policy:<8}{r.hit_rate:>10.1%}{r.share_of_optimal:>12.2f}{r.static_hit_rate:>13.1%}"
                    f"{r.bytes_copied_per_token / 2**20:>10.1f} MiB{(r.budget_bytes or 0) / 2**20:>8.1f} MiB"
                    f"{r.predicted_decode_tok_s:>13.1f}")
     if plot:
