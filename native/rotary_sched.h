@@ -123,6 +123,99 @@ ROTARY_API int rotary_sched_layer_stats(rotary_sched_model * model, int layer, r
 ROTARY_API void rotary_sched_stats(rotary_sched_model * model, rotary_sched_stats_t * out);
 ROTARY_API void rotary_sched_reset_stats(rotary_sched_model * model);
 
+// ---- Rotation decisions (native/decide.cpp) ----------------------------------------------------------
+// Which experts the slots hold, token by token: one decision object per model (or simulated trace),
+// usable with no llama.cpp model at all (the simulator) or bound to a model state, whose copier then
+// receives the admissions directly. Layers are kept in ascending layer order ("rows").
+//
+// After a prompt, each layer's slots take the prompt's most selected experts (residents win ties). After
+// each decoded token: count the token's hits, commit the previous token's copies, let the policy observe
+// the routing, then admit the missed experts best first while the copy budget lasts, each into its
+// layer's next slot to give way (empty slots first, then residents from the least valued) if it is worth
+// more than that slot's expert. A slot being copied is out of the table until the next commit.
+//
+// Policy: an expert's value is base + scale * (request_weight * request + calibration_weight * calibration),
+// scale = n_used / n_expert / (1 - decay) (the steady-state mean decayed score); base is the step it
+// was last selected in (RECENCY) or its selections decayed by `decay` per token (FREQUENCY); request is
+// the last prompt's routing and calibration the set_prior popularity, each normalised to mean 1.
+typedef struct rotary_decide rotary_decide;
+
+enum { ROTARY_DECIDE_RECENCY = 0, ROTARY_DECIDE_FREQUENCY = 1 };
+
+typedef struct rotary_decide_policy_t {
+    int32_t kind;  // ROTARY_DECIDE_RECENCY or ROTARY_DECIDE_FREQUENCY
+    double decay;  // per decoded token (FREQUENCY), in [0, 1)
+    double request_weight;
+    double calibration_weight;
+} rotary_decide_policy_t;
+
+typedef struct rotary_decide_layer_t {
+    int32_t layer;
+    int32_t n_expert;
+    int32_t n_used;
+    int32_t n_slots;
+    uint64_t slot_bytes;  // bytes copied to admit one expert
+} rotary_decide_layer_t;
+
+// Per layer, since the last reset_counters.
+typedef struct rotary_decide_counters_t {
+    uint64_t hits;  // decoded (token, expert) selections served from a slot
+    uint64_t misses;
+    uint64_t admissions;
+    uint64_t evictions;
+    uint64_t bytes_copied;
+} rotary_decide_counters_t;
+
+// A copy started by the last after_token (victim: the expert it evicted, -1 for an empty slot).
+typedef struct rotary_decide_copy_t {
+    int32_t layer;
+    int32_t expert;
+    int32_t slot;
+    int32_t victim;
+} rotary_decide_copy_t;
+
+// NULL on failure (bad shapes or policy; reason in rotary_sched_last_error).
+ROTARY_API rotary_decide * rotary_decide_new(const rotary_decide_layer_t * layers, int n_layers,
+                                             const rotary_decide_policy_t * policy);
+ROTARY_API void rotary_decide_free(rotary_decide * d);
+// The calibration prior of a layer: its experts' popularity (n_expert values, normalised here).
+ROTARY_API int rotary_decide_set_prior(rotary_decide * d, int layer, const double * popularity, int n_expert);
+// From now on commits, admissions and set_resident also go to this model state (NULL: to nothing); the
+// binding keeps the state alive (as a context does) until d is freed or bound elsewhere.
+ROTARY_API void rotary_decide_bind(rotary_decide * d, rotary_sched_model * model);
+
+// Routing is given per row (ascending layer order): counts[i] ids of row i, concatenated in ids
+// (token-major); counts[i] < 0: the layer is absent from this step's routing (not the same as 0 ids:
+// present layers take turns first to the budget).
+ROTARY_API int rotary_decide_after_prompt(rotary_decide * d, const int32_t * ids, const int64_t * counts);
+// Returns how many copies it started (see rotary_decide_pending); budget < 0: no limit.
+ROTARY_API int rotary_decide_after_token(rotary_decide * d, const int32_t * ids, const int64_t * counts,
+                                         int64_t budget);
+// Bound only: after_token on the routing the model recorded since the last take (taking it).
+ROTARY_API int rotary_decide_after_recorded_token(rotary_decide * d, int64_t budget);
+// Fill a layer's slots with these experts (a synchronous copy when bound): those already resident stay in
+// their slots, the others take the remaining slots in the order given.
+ROTARY_API int rotary_decide_set_resident(rotary_decide * d, int layer, const int32_t * experts, int n);
+ROTARY_API int rotary_decide_commit(rotary_decide * d);
+
+// Tables, [rows x n_expert_max] and [rows x n_slots_max] (entries beyond a layer's own count unused),
+// owned by d and valid while it lives: slot_of[e] (-1: not resident), expert_in[slot] (-1: empty or being
+// copied), busy[slot] (being copied, or beyond the layer's slots).
+ROTARY_API void rotary_decide_shape(const rotary_decide * d, int * rows, int * n_expert_max, int * n_slots_max);
+ROTARY_API int32_t * rotary_decide_slot_of(rotary_decide * d);
+ROTARY_API int32_t * rotary_decide_expert_in(rotary_decide * d);
+ROTARY_API uint8_t * rotary_decide_busy(rotary_decide * d);
+ROTARY_API rotary_decide_counters_t * rotary_decide_counters(rotary_decide * d);  // [rows]
+ROTARY_API void rotary_decide_reset_counters(rotary_decide * d);
+ROTARY_API int64_t rotary_decide_step(const rotary_decide * d);
+ROTARY_API void rotary_decide_set_step(rotary_decide * d, int64_t step);
+// The copies started by the last after_token and not yet committed; returns their count.
+ROTARY_API int rotary_decide_pending(const rotary_decide * d, rotary_decide_copy_t * out, int capacity);
+// Bytes copied after each decoded token, ever; returns how many tokens (out == NULL: just the count).
+ROTARY_API int64_t rotary_decide_copied(const rotary_decide * d, uint64_t * out, int64_t capacity);
+// Every expert's value now, [rows x n_expert_max] (tests and tools).
+ROTARY_API int rotary_decide_values(rotary_decide * d, double * out, int64_t capacity);
+
 #ifdef __cplusplus
 }
 #endif

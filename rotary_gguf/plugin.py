@@ -10,6 +10,9 @@ statistics it reports.
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +23,12 @@ from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 
 LIBRARY_NAME = "librotary_sched.so"
-ABI = 3
+ABI = 4
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _model = ctypes.c_void_p  # rotary_sched_model *
+_decide = ctypes.c_void_p  # rotary_decide *
+_i64p = ctypes.POINTER(ctypes.c_int64)
 
 
 class PluginError(RotaryError):
@@ -49,6 +54,29 @@ class _Stats(ctypes.Structure):
     copy_bytes, copy_ns, resident_bytes, prompt_selections, staging_bytes; } rotary_sched_stats_t;"""
 
     _fields_ = [(name, ctypes.c_uint64) for name in _STATS_FIELDS]
+
+
+class _DecideLayer(ctypes.Structure):
+    """typedef struct rotary_decide_layer_t { int32_t layer, n_expert, n_used, n_slots; uint64_t slot_bytes; }
+    rotary_decide_layer_t;"""
+
+    _fields_ = [("layer", ctypes.c_int32), ("n_expert", ctypes.c_int32), ("n_used", ctypes.c_int32),
+                ("n_slots", ctypes.c_int32), ("slot_bytes", ctypes.c_uint64)]
+
+
+class _DecidePolicy(ctypes.Structure):
+    """typedef struct rotary_decide_policy_t { int32_t kind; double decay, request_weight, calibration_weight; }
+    rotary_decide_policy_t;"""
+
+    _fields_ = [("kind", ctypes.c_int32), ("decay", ctypes.c_double), ("request_weight", ctypes.c_double),
+                ("calibration_weight", ctypes.c_double)]
+
+
+# typedef struct rotary_decide_counters_t { uint64_t hits, misses, admissions, evictions, bytes_copied; } ...;
+DECISION_COUNTERS = ("hits", "misses", "admissions", "evictions", "bytes_copied")
+# typedef struct rotary_decide_copy_t { int32_t layer, expert, slot, victim; } rotary_decide_copy_t;
+_COPY = np.dtype([("layer", np.int32), ("expert", np.int32), ("slot", np.int32), ("victim", np.int32)])
+DECIDE_KINDS = {"recency": 0, "frequency": 1}  # ROTARY_DECIDE_RECENCY, ROTARY_DECIDE_FREQUENCY
 
 
 def _int32s(values: list[int]) -> ctypes.Array:
@@ -190,7 +218,212 @@ _DECLARATIONS = (
     ("rotary_sched_stats", None, [_model, ctypes.POINTER(_Stats)]),
     # void rotary_sched_reset_stats(rotary_sched_model * model);
     ("rotary_sched_reset_stats", None, [_model]),
+    # rotary_decide * rotary_decide_new(const rotary_decide_layer_t * layers, int n_layers,
+    #                                   const rotary_decide_policy_t * policy);
+    ("rotary_decide_new", _decide, [ctypes.POINTER(_DecideLayer), ctypes.c_int, ctypes.POINTER(_DecidePolicy)]),
+    # void rotary_decide_free(rotary_decide * d);
+    ("rotary_decide_free", None, [_decide]),
+    # int rotary_decide_set_prior(rotary_decide * d, int layer, const double * popularity, int n_expert);
+    ("rotary_decide_set_prior", ctypes.c_int, [_decide, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]),
+    # void rotary_decide_bind(rotary_decide * d, rotary_sched_model * model);
+    ("rotary_decide_bind", None, [_decide, _model]),
+    # int rotary_decide_after_prompt(rotary_decide * d, const int32_t * ids, const int64_t * counts);
+    ("rotary_decide_after_prompt", ctypes.c_int, [_decide, ctypes.c_void_p, ctypes.c_void_p]),
+    # int rotary_decide_after_token(rotary_decide * d, const int32_t * ids, const int64_t * counts,
+    #                               int64_t budget);
+    ("rotary_decide_after_token", ctypes.c_int, [_decide, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]),
+    # int rotary_decide_after_recorded_token(rotary_decide * d, int64_t budget);
+    ("rotary_decide_after_recorded_token", ctypes.c_int, [_decide, ctypes.c_int64]),
+    # int rotary_decide_set_resident(rotary_decide * d, int layer, const int32_t * experts, int n);
+    ("rotary_decide_set_resident", ctypes.c_int, [_decide, ctypes.c_int, _i32p, ctypes.c_int]),
+    # int rotary_decide_commit(rotary_decide * d);
+    ("rotary_decide_commit", ctypes.c_int, [_decide]),
+    # void rotary_decide_shape(const rotary_decide * d, int * rows, int * n_expert_max, int * n_slots_max);
+    ("rotary_decide_shape", None, [_decide] + [ctypes.POINTER(ctypes.c_int)] * 3),
+    # int32_t * rotary_decide_slot_of(rotary_decide * d);
+    ("rotary_decide_slot_of", ctypes.c_void_p, [_decide]),
+    # int32_t * rotary_decide_expert_in(rotary_decide * d);
+    ("rotary_decide_expert_in", ctypes.c_void_p, [_decide]),
+    # uint8_t * rotary_decide_busy(rotary_decide * d);
+    ("rotary_decide_busy", ctypes.c_void_p, [_decide]),
+    # rotary_decide_counters_t * rotary_decide_counters(rotary_decide * d);
+    ("rotary_decide_counters", ctypes.c_void_p, [_decide]),
+    # void rotary_decide_reset_counters(rotary_decide * d);
+    ("rotary_decide_reset_counters", None, [_decide]),
+    # int64_t rotary_decide_step(const rotary_decide * d);
+    ("rotary_decide_step", ctypes.c_int64, [_decide]),
+    # void rotary_decide_set_step(rotary_decide * d, int64_t step);
+    ("rotary_decide_set_step", None, [_decide, ctypes.c_int64]),
+    # int rotary_decide_pending(const rotary_decide * d, rotary_decide_copy_t * out, int capacity);
+    ("rotary_decide_pending", ctypes.c_int, [_decide, ctypes.c_void_p, ctypes.c_int]),
+    # int64_t rotary_decide_copied(const rotary_decide * d, uint64_t * out, int64_t capacity);
+    ("rotary_decide_copied", ctypes.c_int64, [_decide, ctypes.c_void_p, ctypes.c_int64]),
+    # int rotary_decide_values(rotary_decide * d, double * out, int64_t capacity);
+    ("rotary_decide_values", ctypes.c_int, [_decide, ctypes.c_void_p, ctypes.c_int64]),
 )
+
+
+def _load(path: Path, llama_cpp_version: str) -> ctypes.CDLL:
+    """The plugin library at path, its functions declared, checked against this llama-cpp-python."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise PluginError(f"{path}: cannot load the scheduler plugin ({exc}); run `rotary plugin build`") from None
+    for name, restype, argtypes in _DECLARATIONS:
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise PluginError(f"{path}: not a rotary scheduler plugin (no {name}); "
+                              "run `rotary plugin build`") from None
+        fn.restype, fn.argtypes = restype, argtypes
+    info = lib.rotary_sched_build_info().decode()
+    if info != expected_build_info(llama_cpp_version):
+        raise PluginError(f"{path}: built as '{info}', this is llama-cpp-python {llama_cpp_version}; "
+                          "run `rotary plugin build` again")
+    return lib
+
+
+_decision_library: dict[Path, ctypes.CDLL] = {}
+
+
+def decision_library() -> ctypes.CDLL:
+    """The plugin library for its decision engine alone (the simulator): loaded with the ggml libraries it
+    links (by soname when llama.cpp already loaded them, else from llama_cpp/lib), no llama.cpp model or
+    libllama needed."""
+    path = plugin_path()
+    if path not in _decision_library:
+        try:
+            version = importlib.metadata.version("llama-cpp-python")
+        except importlib.metadata.PackageNotFoundError:
+            raise PluginError("llama-cpp-python is not installed; run scripts/setup_env.sh") from None
+        spec = importlib.util.find_spec("llama_cpp")
+        package = Path(spec.submodule_search_locations[0]) / "lib" if spec and spec.submodule_search_locations else None
+        folder = environment.library_override() or package
+        for name in ("libggml-base.so.0", "libggml.so.0"):
+            try:
+                ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL | os.RTLD_NOLOAD)
+            except OSError:
+                try:
+                    ctypes.CDLL(str(folder / name) if folder else name, mode=ctypes.RTLD_GLOBAL)
+                except OSError as exc:
+                    raise PluginError(f"{folder}: cannot load {name} for the scheduler plugin: {exc}") from None
+        _decision_library[path] = _load(path, version)
+    return _decision_library[path]
+
+
+class _Memory:
+    """Native memory seen by numpy: the arrays made from it keep `owner` (which frees the memory) alive."""
+
+    def __init__(self, owner: object, address: int, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.owner = owner
+        self.__array_interface__ = {"data": (address, False), "shape": shape, "typestr": dtype.str,
+                                    "descr": dtype.descr, "version": 3}
+
+
+def _native_array(owner: object, address: int | None, shape: tuple[int, ...], dtype: object) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if not address or 0 in shape:
+        return np.zeros(shape, dtype)
+    return np.asarray(_Memory(owner, address, shape, dtype))
+
+
+class Decisions:
+    """A native decision object (rotary_decide in native/rotary_sched.h): slot tables, counters and the
+    rotation policy of a set of MoE layers, one call per token. `slot_of`, `expert_in`, `busy` and
+    `counters` are numpy views of its own tables ([rows, ...], rows in ascending layer order)."""
+
+    def __init__(self, shapes: list[tuple[int, int, int, int, int]], kind: str, decay: float,
+                 request_weight: float, calibration_weight: float, model: ModelScheduler | None = None) -> None:
+        """shapes: (layer, n_expert, n_used, n_slots, slot_bytes) per layer; kind: "recency" or "frequency";
+        model: the scheduler state the decisions go to (bound), else none (the simulator)."""
+        if kind not in DECIDE_KINDS:
+            raise PluginError(f"unknown decision policy kind {kind!r}; known: {', '.join(DECIDE_KINDS)}")
+        self._lib = lib = model._plugin._lib if model is not None else decision_library()
+        layers = (_DecideLayer * max(1, len(shapes)))(*[_DecideLayer(*shape) for shape in shapes])
+        policy = _DecidePolicy(DECIDE_KINDS[kind], decay, request_weight, calibration_weight)
+        self._handle = lib.rotary_decide_new(layers, len(shapes), ctypes.byref(policy))
+        if not self._handle:
+            raise PluginError(f"scheduler plugin: {lib.rotary_sched_last_error().decode()}")
+        self.layers = sorted(shape[0] for shape in shapes)
+        rows, width, depth = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+        lib.rotary_decide_shape(self._handle, ctypes.byref(rows), ctypes.byref(width), ctypes.byref(depth))
+        shape, deep = (rows.value, width.value), (rows.value, depth.value)
+        self.slot_of = _native_array(self, lib.rotary_decide_slot_of(self._handle), shape, np.int32)
+        self.expert_in = _native_array(self, lib.rotary_decide_expert_in(self._handle), deep, np.int32)
+        self.busy = _native_array(self, lib.rotary_decide_busy(self._handle), deep, np.bool_)
+        self.counters = _native_array(self, lib.rotary_decide_counters(self._handle),
+                                      (rows.value, len(DECISION_COUNTERS)), np.uint64)
+        self._bound: ModelScheduler | None = None
+        if model is not None:
+            self.bind(model)
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None):
+            self._lib.rotary_decide_free(self._handle)
+            self._handle = None
+
+    def _check(self, result: int) -> int:
+        if result < 0:
+            raise PluginError(f"scheduler plugin: {self._lib.rotary_sched_last_error().decode()}")
+        return result
+
+    def bind(self, model: ModelScheduler | None) -> None:
+        """Commits, admissions and residency also go to this model's scheduler state (None: to nothing)."""
+        self._lib.rotary_decide_bind(self._handle, model._handle if model is not None else None)
+        self._bound = model
+
+    def set_prior(self, layer: int, popularity: np.ndarray) -> None:
+        values = np.ascontiguousarray(popularity, dtype=np.float64)
+        self._check(self._lib.rotary_decide_set_prior(self._handle, layer, values.ctypes.data, len(values)))
+
+    def after_prompt(self, ids: np.ndarray, counts: np.ndarray) -> None:
+        """ids: every row's ids concatenated (int32); counts: per row (int64, -1: layer absent)."""
+        self._check(self._lib.rotary_decide_after_prompt(self._handle, ids.ctypes.data, counts.ctypes.data))
+
+    def after_token(self, ids: np.ndarray, counts: np.ndarray, budget: int | None) -> int:
+        """As after_prompt's arguments; returns how many copies it started. budget None: no limit."""
+        return self._check(self._lib.rotary_decide_after_token(self._handle, ids.ctypes.data, counts.ctypes.data,
+                                                               -1 if budget is None else max(0, budget)))
+
+    def after_recorded_token(self, budget: int | None) -> int:
+        """Bound only: after_token on the routing the model recorded since the last take."""
+        return self._check(self._lib.rotary_decide_after_recorded_token(self._handle,
+                                                                        -1 if budget is None else max(0, budget)))
+
+    def set_resident(self, layer: int, experts: list[int]) -> None:
+        self._check(self._lib.rotary_decide_set_resident(self._handle, layer, _int32s(experts), len(experts)))
+
+    def commit(self) -> None:
+        self._check(self._lib.rotary_decide_commit(self._handle))
+
+    def reset_counters(self) -> None:
+        self._lib.rotary_decide_reset_counters(self._handle)
+
+    @property
+    def step(self) -> int:
+        return self._lib.rotary_decide_step(self._handle)
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._lib.rotary_decide_set_step(self._handle, value)
+
+    def pending(self) -> list[tuple[int, int, int, int]]:
+        """(layer, expert, slot, victim) of the copies started by the last after_token, not yet committed."""
+        out = np.zeros(self._lib.rotary_decide_pending(self._handle, None, 0), _COPY)
+        self._lib.rotary_decide_pending(self._handle, out.ctypes.data, len(out))
+        return [tuple(int(v) for v in row) for row in out.tolist()]
+
+    def copied(self) -> np.ndarray:
+        """Bytes copied after each decoded token, ever."""
+        out = np.zeros(self._lib.rotary_decide_copied(self._handle, None, 0), np.uint64)
+        self._lib.rotary_decide_copied(self._handle, out.ctypes.data, len(out))
+        return out.astype(np.int64)
+
+    def values(self) -> np.ndarray:
+        """Every expert's value under the policy now, [rows, n_expert_max]."""
+        out = np.zeros(self.slot_of.shape, np.float64)
+        self._check(self._lib.rotary_decide_values(self._handle, out.ctypes.data, out.size))
+        return out
 
 
 class Plugin:
@@ -198,22 +431,8 @@ class Plugin:
     process), `open_model()` gives each rotary model its own scheduler state."""
 
     def __init__(self, path: Path, llama_cpp_version: str) -> None:
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as exc:
-            raise PluginError(f"{path}: cannot load the scheduler plugin ({exc}); run `rotary plugin build`") from None
-        for name, restype, argtypes in _DECLARATIONS:
-            try:
-                fn = getattr(lib, name)
-            except AttributeError:
-                raise PluginError(f"{path}: not a rotary scheduler plugin (no {name}); "
-                                  "run `rotary plugin build`") from None
-            fn.restype, fn.argtypes = restype, argtypes
-        info = lib.rotary_sched_build_info().decode()
-        if info != expected_build_info(llama_cpp_version):
-            raise PluginError(f"{path}: built as '{info}', this is llama-cpp-python {llama_cpp_version}; "
-                              "run `rotary plugin build` again")
-        self.path, self._lib, self.build_info, self.description = path, lib, info, ""
+        lib = _load(path, llama_cpp_version)
+        self.path, self._lib, self.build_info, self.description = path, lib, lib.rotary_sched_build_info().decode(), ""
 
     def _error(self) -> PluginError:
         return PluginError(f"scheduler plugin: {self._lib.rotary_sched_last_error().decode()}")
