@@ -1,7 +1,9 @@
 """Expert rotation: which experts the VRAM slots hold, token by token.
 
 One state machine serves the running scheduler plugin and the policy simulator alike, so that the
-simulator's hit rate on a recorded trace is the plugin's, exactly (for deterministic policies):
+simulator's hit rate on a recorded trace is the plugin's, exactly: the plugin library's native decision
+engine (native/decide.cpp, `rotary_decide_*`), which `Rotator` wraps; this module defines the policies'
+parameters (the engine has no defaults of its own):
 
 - after a request's prompt, each layer's slots take the experts the prompt selected most (prompt-seeded
   warm-up: a synchronous copy before the first decoded token);
@@ -150,7 +152,7 @@ class Rotator:
         """(layer, expert, slot) being copied."""
         return [(layer, expert, slot) for layer, expert, slot, _ in self.native.pending()]
 
-    def _flat(self, routing: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def routing_arrays(self, routing: dict[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The engine's routing arguments: ids of the layers present concatenated, counts per row (-1: absent)."""
         if not routing.keys() <= self.row.keys():
             raise RotationError(f"routing for layers {sorted(routing.keys() - self.row.keys())} that the "
@@ -168,7 +170,7 @@ class Rotator:
 
     def after_prompt(self, routing: dict[int, np.ndarray]) -> None:
         """Seed every layer's slots with the prompt's most selected experts (residents win ties)."""
-        self._call(self.native.after_prompt, *self._flat(routing))
+        self._call(self.native.after_prompt, *self.routing_arrays(routing))
 
     def set_resident(self, layer: int, chosen: list[int]) -> None:
         """Fill a layer's slots with these experts (a synchronous copy): those already resident stay in their
@@ -177,7 +179,7 @@ class Rotator:
 
     def after_token(self, routing: dict[int, np.ndarray]) -> None:
         """Count the token's hits, commit the previous token's copies, admit this token's misses."""
-        self._call(self.native.after_token, *self._flat(routing), self.budget())
+        self._call(self.native.after_token, *self.routing_arrays(routing), self.budget())
 
     def after_recorded_token(self) -> None:
         """after_token on the routing the bound model recorded (taken natively: no routing crosses to Python)."""
