@@ -86,9 +86,9 @@ struct rotary_decide {
     std::unique_ptr<rotary_sched_model> bound;  // our own handle on the bound model's state
     rotary_sched_model * model = nullptr;
     // Scratch, kept to avoid allocations per token.
-    std::vector<double> factor, victim_value;
-    std::vector<int> victim_order, taken, rank;
-    std::vector<uint8_t> closed, victims_ready;
+    std::vector<double> factor, victim_value, decay_power;  // decay_power[k] = pow(decay, k)
+    std::vector<int> rank;
+    std::vector<uint8_t> closed, victims_ready, victim_used;
     std::vector<uint32_t> mark;
     uint32_t epoch = 0;
     std::vector<Candidate> candidates;
@@ -98,10 +98,15 @@ struct rotary_decide {
     bool prior() const { return policy.request_weight != 0 || policy.calibration_weight != 0; }
     bool frequency() const { return policy.kind == ROTARY_DECIDE_FREQUENCY; }
 
+    // pow(decay, k), from a table for the usual small k (the same std::pow values, computed once).
+    double decay_to(int64_t k) const {
+        return k >= 0 && k < (int64_t) decay_power.size() ? decay_power[k] : std::pow(policy.decay, (double) k);
+    }
+
     // Every row's decay to the current step (FREQUENCY), as the values need it.
     void decay_factors() {
         for (int r = 0; r < rows; r++) {
-            factor[r] = frequency() ? std::pow(policy.decay, (double) (step - decayed_to[r])) : 1.;
+            factor[r] = frequency() ? decay_to(step - decayed_to[r]) : 1.;
         }
     }
 
@@ -123,7 +128,7 @@ struct rotary_decide {
             }
             return;
         }
-        const double f = std::pow(policy.decay, (double) (step - decayed_to[row]));
+        const double f = decay_to(step - decayed_to[row]);
         for (int e = 0; e < width; e++) {
             b[e] *= f;
         }
@@ -249,21 +254,31 @@ struct rotary_decide {
         return 0;
     }
 
-    // Row r's slots in the order they give way: empty first, then residents from the least valued, slots
-    // being copied (or beyond the layer's count) never; computed once per token, when first needed.
+    // Row r's slots give way in order of value: empty first (-inf), then residents from the least valued,
+    // slots being copied (or beyond the layer's count) never (+inf); ties by slot. The values are taken
+    // once per token, when the row first needs a victim; each next victim is the least of those left.
     void victims(int r) {
         if (victims_ready[r]) {
             return;
         }
         victims_ready[r] = 1;
-        double * v = &victim_value[(size_t) r * depth];
-        int * order = &victim_order[(size_t) r * depth];
         for (int k = 0; k < depth; k++) {
-            const int32_t e = expert_in[(size_t) r * depth + k];
-            v[k] = busy[(size_t) r * depth + k] ? kInf : e >= 0 ? value(r, e) : -kInf;
-            order[k] = k;
+            const size_t at = (size_t) r * depth + k;
+            victim_value[at] = busy[at] ? kInf : expert_in[at] >= 0 ? value(r, expert_in[at]) : -kInf;
+            victim_used[at] = 0;
         }
-        std::stable_sort(order, order + depth, [&](int a, int b) { return v[a] < v[b]; });
+    }
+
+    int next_victim(int r) {
+        const double * v = &victim_value[(size_t) r * depth];
+        const uint8_t * used = &victim_used[(size_t) r * depth];
+        int best = -1;
+        for (int k = 0; k < depth; k++) {
+            if (!used[k] && (best < 0 || v[k] < v[best])) {
+                best = k;
+            }
+        }
+        return best;
     }
 
     void collect_candidates(const int32_t * ids, const int64_t * counts) {
@@ -311,7 +326,6 @@ struct rotary_decide {
     int admit(const int32_t * ids, const int64_t * counts, int64_t budget) {
         decay_factors();
         collect_candidates(ids, counts);
-        std::fill(taken.begin(), taken.end(), 0);
         std::fill(closed.begin(), closed.end(), 0);
         std::fill(victims_ready.begin(), victims_ready.end(), 0);
         uint64_t total = 0;
@@ -321,15 +335,13 @@ struct rotary_decide {
                 continue;
             }
             victims(c.row);
-            const int k = taken[c.row];
-            const size_t first = (size_t) c.row * depth;  // victim_value is by slot, victim_order by turn
-            if (k >= depth || !(c.value > victim_value[first + victim_order[first + k]])) {
+            const int slot = next_victim(c.row);
+            if (slot < 0 || !(c.value > victim_value[(size_t) c.row * depth + slot])) {
                 closed[c.row] = 1;
                 continue;
             }
-            const int slot = victim_order[first + k];
-            taken[c.row] = k + 1;
             const size_t at = (size_t) c.row * depth + slot;
+            victim_used[at] = 1;
             const int32_t victim = expert_in[at];
             rotary_decide_counters_t & counter = counters[c.row];
             if (victim >= 0) {
@@ -454,9 +466,11 @@ rotary_decide * rotary_decide_new(const rotary_decide_layer_t * layers, int n_la
         d->scale[r] = (double) l.n_used / l.n_expert / (1 - policy->decay);
     }
     d->factor.assign(rows, 1.);
+    for (int k = 0; k < 256; k++) {
+        d->decay_power.push_back(std::pow(policy->decay, (double) k));
+    }
     d->victim_value.assign(slots, 0.);
-    d->victim_order.assign(slots, 0);
-    d->taken.assign(rows, 0);
+    d->victim_used.assign(slots, 0);
     d->rank.assign(rows, 0);
     d->closed.assign(rows, 0);
     d->victims_ready.assign(rows, 0);
