@@ -13,6 +13,7 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -368,7 +369,13 @@ class Decisions:
         return result
 
     def bind(self, model: ModelScheduler | None) -> None:
-        """Commits, admissions and residency also go to this model's scheduler state (None: to nothing)."""
+        """Commits, admissions and residency also go to this model's scheduler state (None: to nothing).
+        The binding holds the state; closing the model unbinds, so the state goes with its handle."""
+        if self._bound is not None:
+            self._bound._decisions.discard(self)
+        if model is not None:
+            model._call("model_contexts")  # refuses a closed model
+            model._decisions.add(self)
         self._lib.rotary_decide_bind(self._handle, model._handle if model is not None else None)
         self._bound = model
 
@@ -481,6 +488,7 @@ class ModelScheduler:
     def __init__(self, plugin: Plugin, handle: int) -> None:
         self._plugin, self._handle = plugin, handle
         self._n_expert: dict[int, int] = {}
+        self._decisions: weakref.WeakSet[Decisions] = weakref.WeakSet()  # bound to this state
         self.max_batch = 0  # prompt batches of more tokens are left to llama.cpp (<= 0: none are)
 
     def __enter__(self) -> ModelScheduler:
@@ -498,6 +506,8 @@ class ModelScheduler:
     def close(self) -> None:
         """Free the handle (and its mark as the state the next context takes, if no context took it yet)."""
         if self._handle is not None:
+            for decisions in list(self._decisions):
+                decisions.bind(None)
             self._plugin._lib.rotary_sched_model_free(self._handle)
             self._handle = None
 

@@ -31,3 +31,6 @@ def test_recorded_routing_and_python_routing_decide_alike(stand_in, wide_arch_mo
         c = recorded.counters[layer]
         assert (c.hits, c.misses, c.admissions, c.evictions, c.bytes_copied) == (device, host, admissions, evictions,
                                                                                  copied)
+    engines[0].close()  # the binding lets go of the scheduler state with the model's handle
+    assert recorded.native._bound is None
+    recorded.after_token({layer: np.array([0, 1], np.int32) for layer in recorded.layers})  # standalone now
