@@ -14,6 +14,10 @@
 #                            else CMAKE_CUDA_ARCHITECTURES; else the detected GPU's (nvidia-smi
 #                            --query-gpu=compute_cap); else 89 (RTX 40 laptop GPUs)
 #   CUDACXX                  the nvcc to use (default: nvcc on PATH, else /usr/local/cuda/bin/nvcc)
+#   ROTARY_RPC=1|0           llama.cpp's RPC backend in either build (-DGGML_RPC=ON; default 1): `--rpc` places
+#                            layers on other hosts (docs/rpc.md). It adds libggml-rpc (~30 s of the compile) and
+#                            costs nothing at run time unless --rpc is given. A .venv build without it is
+#                            rebuilt once (a cached wheel would come back without it).
 #   PYTHON                   the interpreter that creates .venv (default python3)
 # `bash scripts/setup_env.sh --which-build` prints the choice ("cpu" or "cuda ARCHS"), says why on stderr,
 # and changes nothing. `--with-browser` (scripts/test.sh) also installs Debian's chromium and chromium-driver
@@ -99,6 +103,39 @@ llama_lib_dir() {  # .venv's llama_cpp/lib, found without importing llama_cpp (t
 print(s.submodule_search_locations[0] + "/lib" if s and s.submodule_search_locations else "")' 2>/dev/null || true
 }
 
+has_rpc_llama() {
+    local lib
+    lib=$(llama_lib_dir)
+    [ -n "$lib" ] && compgen -G "$lib/libggml-rpc.so*" >/dev/null
+}
+
+choose_rpc() {  # sets RPC (on or off)
+    case "${ROTARY_RPC:-1}" in
+        1) RPC=on ;;
+        0) RPC=off ;;
+        *) echo "ROTARY_RPC=$ROTARY_RPC: expected 1 (llama.cpp's RPC backend, the default) or 0" >&2
+           return 2 ;;
+    esac
+}
+
+install_rpc_llama() {  # the RPC backend in .venv's llama-cpp-python (CPU build; a CUDA build is kept as it is)
+    if [ "$RPC" = off ] || has_rpc_llama; then
+        return 0
+    fi
+    if [ "$BUILD" = cuda ]; then
+        echo "keeping .venv's CUDA build of llama-cpp-python, which has no RPC backend (--rpc is unavailable;" \
+             "uninstall llama-cpp-python and run this again to rebuild it with both)" >&2
+        return 0
+    fi
+    echo "rebuilding llama-cpp-python with llama.cpp's RPC backend (-DGGML_RPC=ON; .venv's build has none):" \
+         "~8 minutes, once" >&2
+    .venv/bin/python -m pip install --quiet --no-cache-dir --force-reinstall --no-deps "$LLAMA_CPP_PYTHON"
+    if ! has_rpc_llama; then
+        echo "the rebuilt llama-cpp-python has no libggml-rpc in $(llama_lib_dir)" >&2
+        return 1
+    fi
+}
+
 has_cuda_llama() {
     local lib
     lib=$(llama_lib_dir)
@@ -157,8 +194,10 @@ install_chromium() {  # headless Chromium for tests/test_server_browser.py, from
 }
 
 choose_build
+choose_rpc
 if [ "${1:-}" = "--which-build" ]; then
-    echo "llama-cpp-python: $BUILD build ($WHY)${ARCH:+; architectures $ARCH ($ARCH_WHY)}" >&2
+    echo "llama-cpp-python: $BUILD build ($WHY)${ARCH:+; architectures $ARCH ($ARCH_WHY)}; RPC backend $RPC" \
+         "(ROTARY_RPC)" >&2
     echo "$BUILD${ARCH:+ $ARCH}"
     exit 0
 fi
@@ -173,6 +212,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+if [ "$RPC" = on ]; then
+    export CMAKE_ARGS="-DGGML_RPC=ON ${CMAKE_ARGS:-}"
+fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 echo "llama-cpp-python: $BUILD build ($WHY)" >&2
 if [ "$BUILD" = cuda ]; then
@@ -182,6 +224,7 @@ elif [ "${ROTARY_CUDA:-}" = 0 ] && has_cuda_llama; then
 fi
 echo "installing rotary-gguf into .venv (a CPU llama-cpp-python builds from source the first time: ~8 min)" >&2
 .venv/bin/python -m pip install --quiet -e '.[test]'
+install_rpc_llama
 echo "building the rotary scheduler plugin (native/) against the installed llama.cpp" >&2
 .venv/bin/rotary plugin build
 if [ "${1:-}" = "--with-browser" ]; then  # scripts/test.sh: the server page's test in a real browser

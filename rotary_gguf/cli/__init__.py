@@ -72,4 +72,4 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
-from rotary_gguf.cli import calibrate, convert, model, perplexity, plugin, rotation, run, serve  # noqa: E402,F401  (register commands)
+from rotary_gguf.cli import calibrate, convert, model, perplexity, plugin, rotation, rpc, run, serve  # noqa: E402,F401  (register commands)
