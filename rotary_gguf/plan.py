@@ -40,7 +40,22 @@ class Override:
     """One llama.cpp tensor buffer-type override: tensors whose name matches `pattern` go to `buffer`."""
 
     pattern: str
-    buffer: str  # "CPU": host memory, zero-copy in the mmap; "GPU": the first GPU's memory
+    buffer: str  # "CPU": host memory, zero-copy in the mmap; "GPU": the first GPU's memory; "RPC0[host:port]"
+
+
+@dataclass(frozen=True)
+class RemoteShare:
+    """Whole layers of routed experts on one remote device of an RPC server (rotary_gguf.rpc)."""
+
+    buffer: str  # llama.cpp's name of the device's buffer type, RPC<device>[host:port]
+    layers: tuple[int, ...]
+    weight_bytes: int
+    compute_bytes: int  # the device's compute buffer for those layers (planned)
+    free_bytes: int  # what the server reported free
+
+    def to_json(self) -> dict[str, Any]:
+        return {"buffer": self.buffer, "layers": list(self.layers), "weight_bytes": self.weight_bytes,
+                "compute_bytes": self.compute_bytes, "free_bytes": self.free_bytes}
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,7 @@ class Placement:
     device_read_share: float = 0.0  # rotary: predicted share of expert reads served from VRAM
     calibrated: bool = False  # rotary: that share comes from calibration popularity (else uniform routing)
     state_bytes: int = 0  # recurrent state (conv + SSM) of hybrid models, beside the KV cache
+    remote: tuple[RemoteShare, ...] = ()  # expert layers on RPC servers (not in host_weight_bytes)
 
     @property
     def predicted_vram_bytes(self) -> int:
@@ -93,10 +109,12 @@ class Placement:
             "compute_bytes": self.compute_bytes, "overhead_bytes": self.overhead_bytes,
             "host_weight_bytes": self.host_weight_bytes, "host_compute_bytes": self.host_compute_bytes,
             "gpu_expert_layers": list(self.gpu_expert_layers),
-            "cpu_expert_layers": [i for i in range(self.n_layer) if i not in self.gpu_expert_layers],
+            "cpu_expert_layers": [i for i in range(self.n_layer) if i not in self.gpu_expert_layers
+                                  and not any(i in r.layers for r in self.remote)],
             "overrides": [{"pattern": o.pattern, "buffer": o.buffer} for o in self.overrides],
             "expert_slots": {str(layer): n for layer, n in self.expert_slots}, "slot_bytes": self.slot_bytes,
             "predicted_device_read_share": round(self.device_read_share, 4), "calibrated": self.calibrated,
+            "remote": [r.to_json() for r in self.remote],
         }
 
 
@@ -159,7 +177,7 @@ def _bytes_in_layer(index: ModelIndex, layer: int, classes: tuple[TensorClass, .
     return sum(row.get(c.value, 0) for c in classes)
 
 
-def _expert_pattern(layers: list[int]) -> str:
+def expert_pattern(layers: list[int]) -> str:
     """A regex matching the routed-expert tensors of these layers."""
     return rf"^blk\.({'|'.join(str(i) for i in layers)}){_EXPERT_SUFFIX}"
 
@@ -239,7 +257,7 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     all_bytes = sum(index.loaded_bytes_by_class.values())
     common = dict(profile=profile.name, dense=False, ctx=ctx, kv_cache_type=profile.kv_cache_type,
                   n_layer=p.n_layer, strategy=strategy)
-    all_experts_on_host = (Override(_expert_pattern(list(index.moe_layers)), "CPU"),)
+    all_experts_on_host = (Override(expert_pattern(list(index.moe_layers)), "CPU"),)
     if budget <= 0 or not profile.has_gpu:
         # No GPU: everything runs on the CPU, experts still zero-copy in the mmap (not repacked copies).
         return Placement(**common, vram_budget_bytes=0, n_gpu_layers=0, gpu_weight_bytes=0,
@@ -266,7 +284,7 @@ def plan_placement(index: ModelIndex, profile: Profile, *, strategy: str = "laye
     gpu_layers.sort()
     gpu_expert_bytes = sum(_bytes_in_layer(index, layer, _HOST_CLASSES) for layer in gpu_layers)
     cpu_layers = [layer for layer in index.moe_layers if layer not in gpu_layers]
-    overrides = (Override(_expert_pattern(cpu_layers), "CPU"),) if cpu_layers else ()
+    overrides = (Override(expert_pattern(cpu_layers), "CPU"),) if cpu_layers else ()
     weights, kv, state, compute, overhead = fixed
     return Placement(**common, vram_budget_bytes=budget, n_gpu_layers=p.n_layer + 1, gpu_weight_bytes=weights,
                      kv_bytes=kv, state_bytes=state, compute_bytes=compute, overhead_bytes=overhead,

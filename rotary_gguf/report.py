@@ -112,7 +112,8 @@ def _expert_vram_line(p) -> str:
 def format_placement(index: ModelIndex, placement, profile, estimate: float) -> str:
     """The `rotary plan` table."""
     p = placement
-    cpu_layers = [layer for layer in index.moe_layers if layer not in p.gpu_expert_layers]
+    remote = {layer for share in p.remote for layer in share.layers}  # on RPC servers (`plan --rpc` lists them)
+    cpu_layers = [layer for layer in index.moe_layers if layer not in p.gpu_expert_layers and layer not in remote]
     lines = [
         f"model          {index.path.name}: {index.params.arch}, {index.params.n_layer} layers, "
         f"{index.params.n_expert} experts ({index.params.n_expert_used} used)" + (" - dense" if p.dense else ""),

@@ -167,9 +167,12 @@ def build_rpc_server(jobs: int = 2, say: Callable[[str], None] = lambda _: None)
 def server_command(binary: Path, host: str, port: int, threads: int, mem: int | None,
                    tensor_cache: Path | None) -> tuple[list[str], dict[str, str]]:
     """The rpc-server command line and environment (llama.cpp's -c keeps tensors it received in
-    $LLAMA_CACHE/rpc, so a client resends a large tensor as its hash)."""
+    $LLAMA_CACHE/rpc, so a client resends a large tensor as its hash; OpenMP threads sleep between graphs
+    unless OMP_WAIT_POLICY says otherwise)."""
     command = [str(binary), "-H", host, "-p", str(port), "-t", str(threads)]
-    env = dict(os.environ)
+    # Between graphs the CPU backend's OpenMP threads would spin for the next one; sharing cores with the
+    # client (loopback) that starved it: 0.6 tok/s instead of 169 on the 2-core VM (docs/rpc.md).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
     if mem:
         command += ["--mem", str(mem)]
     if tensor_cache is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from rotary_gguf.cli import LazyBar, main, size_option
+from rotary_gguf.cli.rpc import RPC_OPTIONS, format_hosts, rpc_fields
 from rotary_gguf.plan import LAYER_ORDERS, STRATEGIES
 from rotary_gguf.report import (
     format_bench,
@@ -29,6 +30,7 @@ _PLAN_OPTIONS = [
                  help="Profile name (see `rotary profiles list`), a YAML file, or auto (detect this machine)."),
     click.option("--vram-budget", default=None, help="VRAM budget such as 6GiB or 6500MiB [default: the profile's]."),
     click.option("--ctx", type=click.IntRange(min=16), default=None, help="Context size [default: the profile's]."),
+    *RPC_OPTIONS,
 ]
 _RUN_OPTIONS = [
     click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the profile's]."),
@@ -56,12 +58,12 @@ def _model_options(func):
 
     @_with(_PLAN_OPTIONS + _RUN_OPTIONS)
     @functools.wraps(func)
-    def wrapper(*args, vram_budget, ctx, threads, repack, policy, copy_budget, **kwargs):
+    def wrapper(*args, vram_budget, ctx, rpc, host_budget, threads, repack, policy, copy_budget, **kwargs):
         from rotary_gguf.runtime import EngineOptions
 
         options = EngineOptions(ctx=ctx, threads=threads, repack=repack, policy=policy,
                                 vram_budget=size_option(vram_budget, "--vram-budget"),
-                                copy_budget=size_option(copy_budget, "--copy-budget"))
+                                copy_budget=size_option(copy_budget, "--copy-budget"), **rpc_fields(rpc, host_budget))
         return func(*args, options=options, **kwargs)
 
     return wrapper
@@ -129,24 +131,33 @@ def profiles_detect() -> None:
               help="Which layers' experts get VRAM first (last: llama.cpp's --n-cpu-moe order).")
 @click.option("--check", is_flag=True,
               help="Also run llama.cpp's dry run (no_alloc) and compare its compute buffers with the plan.")
+@click.option("--link-gbs", type=click.FloatRange(min=0, min_open=True), default=1.25, show_default=True,
+              help="With --rpc: the network's bandwidth in GB/s, for the predicted speed (1.25: 10 Gbit/s).")
+@click.option("--link-latency-us", type=click.FloatRange(min=0), default=100.0, show_default=True,
+              help="With --rpc: one round trip to a server, in microseconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, placement: str,
-         layer_order: str, check: bool, as_json: bool) -> None:
+def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | None, rpc: str | None,
+         host_budget: str | None, placement: str, layer_order: str, check: bool, link_gbs: float,
+         link_latency_us: float, as_json: bool) -> None:
     """Plan where MODEL's tensors go under a VRAM budget, before loading anything."""
     from dataclasses import replace
 
     from rotary_gguf.cost import candidates, choose
     from rotary_gguf.plan import estimate_decode_tok_s, plan_placement
+    from rotary_gguf.rpc import Link, network_estimate
     from rotary_gguf.runtime import EngineOptions, dry_run, gpu_device_name, prepare
 
-    options = EngineOptions(ctx=ctx, vram_budget=size_option(vram_budget, "--vram-budget"), layer_order=layer_order)
+    options = EngineOptions(ctx=ctx, vram_budget=size_option(vram_budget, "--vram-budget"), layer_order=layer_order,
+                            **rpc_fields(rpc, host_budget))
     setup = prepare(model, profile_name, "layer-fill" if placement == "auto" else placement, options,
                     runnable=False)
     popularity = setup.calibration.popularity() if setup.calibration else None
     predicted = candidates(setup.index, setup.profile, vram_budget=options.vram_budget, ctx=ctx,
                            layer_order=layer_order, popularity=popularity) if setup.index.is_moe else ()
     notes = setup.notes
-    if placement == "auto":  # the same index, profile and calibration, planned for the chosen strategy
+    if placement == "auto" and options.rpc:  # the remote part is planned on layer-fill (rotary refuses --rpc)
+        notes = setup.notes + ("auto: layer-fill (placing experts on RPC servers)",)
+    elif placement == "auto":  # the same index, profile and calibration, planned for the chosen strategy
         chosen, why = choose(predicted) if predicted else ("layer-fill", "auto: layer-fill (a dense model)")
         chosen_plan = plan_placement(setup.index, setup.profile, strategy=chosen, vram_budget=options.vram_budget,
                                      ctx=ctx, layer_order=layer_order,
@@ -156,15 +167,23 @@ def plan(model: Path, profile_name: str, vram_budget: str | None, ctx: int | Non
     for note in notes:
         click.echo(f"note: {note}", err=True)
     estimate = estimate_decode_tok_s(setup.index, setup.placement, setup.profile)
+    network = network_estimate(setup.index, setup.placement, estimate, Link(link_gbs, link_latency_us))
     buffers = dry_run(model, setup.placement, setup.options) if check else None
     if as_json:
         out = {"model": str(model), **setup.placement.to_json(), "estimated_decode_tok_s": round(estimate, 1),
                "candidates": [c.to_json() for c in predicted]}
+        if options.rpc:
+            out["network"] = {"bytes_per_token": network.bytes_per_token, "link_gbs": link_gbs,
+                              "round_trips_per_token": network.round_trips_per_token,
+                              "link_latency_us": link_latency_us,
+                              "predicted_decode_tok_s": round(network.predicted_tok_s, 1)}
         if buffers is not None:
             out["dry_run_buffers"] = [{"kind": b.kind, "name": b.name, "bytes": b.nbytes} for b in buffers]
         click.echo(json.dumps(out))
         return
     click.echo(format_placement(setup.index, setup.placement, setup.profile, estimate))
+    if options.rpc:
+        click.echo(format_hosts(setup.index, setup.placement, network, Link(link_gbs, link_latency_us)))
     if buffers is not None:
         click.echo(format_dry_run(setup.placement, buffers, gpu_device_name()))
 
@@ -295,7 +314,7 @@ def bench(model: Path, profile_name: str, options, only: str | None, prompt_toke
     from rotary_gguf.runtime import rotary_unavailable
 
     options = replace(options, trace=trace_out, replay=replay, trace_description="rotary bench")
-    reason = rotary_unavailable()
+    reason = "rotary does not place experts on RPC servers" if options.rpc else rotary_unavailable()
     if only:
         strategies = (only if only != "rotary" or reason is None else "layer-fill",)
         if only == "rotary" and reason:

@@ -18,7 +18,7 @@ from rotary_gguf.gguf import ModelIndex, open_index
 from rotary_gguf.plan import Placement, plan_placement
 from rotary_gguf.profile import Profile, load_profile
 from rotary_gguf.rotation import Rotation
-from rotary_gguf.runtime import scheduler
+from rotary_gguf.runtime import rpc, scheduler
 from rotary_gguf.runtime.generation import (
     Generation,
     PromptCache,
@@ -87,6 +87,8 @@ def prepare(model: str | Path, profile: Profile | str = "auto", placement: str =
     popularity = calibration.popularity() if calibration else None
     strategy, notes = (resolve_strategy(placement, options, index, effective, popularity) if runnable
                        else (placement, ()))
+    if options.rpc and strategy == "rotary" and placement == "auto":
+        strategy, notes = "layer-fill", notes + ("auto: layer-fill (rotary does not place experts on RPC servers)",)
     if calibration is None and "stale" in source:
         notes += (source,)
     if not index.is_moe:
@@ -95,6 +97,9 @@ def prepare(model: str | Path, profile: Profile | str = "auto", placement: str =
                           layer_order=options.layer_order, popularity=popularity if strategy == "rotary" else None)
     if options.routing_only:
         plan = replace(plan, expert_slots=tuple((layer, 0) for layer in index.moe_layers), slot_bytes=0)
+    if options.rpc:
+        plan, placed = rpc.place_across(index, plan, options, effective)
+        notes += placed
     if runnable and gpu_device_name() is None and plan.vram_budget_bytes and strategy != "rotary":
         notes += ("this llama.cpp build has no GPU backend: everything runs on the CPU "
                   "(`rotary plan` shows where tensors would go)",)

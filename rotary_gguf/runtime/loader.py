@@ -27,6 +27,7 @@ from rotary_gguf.runtime.llama import (
     rss_bytes,
 )
 from rotary_gguf.runtime.options import EngineOptions
+from rotary_gguf.runtime.rpc import ModelDevices, model_devices, remote_buffer_types
 
 
 class _Override(ctypes.Structure):
@@ -39,22 +40,25 @@ def _override_array(placement: Placement) -> ctypes.Array | None:
     if not placement.overrides:
         return None
     cpu = cpu_buffer_type()
-    gpu = gpu_buffer_type() or cpu
-    entries = [(o.pattern.encode(), cpu if o.buffer == "CPU" else gpu) for o in placement.overrides]
+    buffers = {"CPU": cpu, "GPU": gpu_buffer_type() or cpu, **remote_buffer_types(placement)}
+    entries = [(o.pattern.encode(), buffers[o.buffer]) for o in placement.overrides]
     return (_Override * (len(entries) + 1))(*entries, (None, None))
 
 
 @contextlib.contextmanager
 def _llama_construction(overrides: ctypes.Array | None, repack: bool,
-                        eval_callback: tuple[int, int | None] | None) -> Iterator[None]:
-    """While Llama() runs: llama-cpp-python never sets tensor_buft_overrides (its field is 'unused'), so
-    hand it default params that already carry ours (and the context params the plugin's routing callback,
-    when given); and defer its chat-template compilation."""
+                        eval_callback: tuple[int, int | None] | None,
+                        devices: ctypes.Array | None = None) -> Iterator[None]:
+    """While Llama() runs: llama-cpp-python never sets tensor_buft_overrides or devices (its fields are
+    'unused'), so hand it default params that already carry ours (and the context params the plugin's
+    routing callback, when given); and defer its chat-template compilation."""
     module = llama_cpp().llama_cpp
     original = module.llama_model_default_params
 
     def default_params() -> Any:
         params = original()
+        if devices is not None:
+            params.devices = ctypes.cast(devices, ctypes.c_void_p)
         if overrides is not None:
             params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
             # Overrides to the CPU buffer type still pick the CPU's repacking buffer types (llama.cpp
@@ -108,7 +112,7 @@ class LoadedLlama:
     load_seconds: float
     rss_before_load: int
     log_lines: tuple[str, ...] = field(default=(), repr=False)
-    _keepalive: Any = field(default=None, repr=False)  # the override array llama.cpp points into
+    _keepalive: Any = field(default=None, repr=False)  # the arrays llama.cpp points into
 
 
 def load_llama(path: Path, placement: Placement | None, options: EngineOptions,
@@ -117,22 +121,25 @@ def load_llama(path: Path, placement: Placement | None, options: EngineOptions,
     a context; `options` must be filled from the profile (EngineOptions.for_profile). `eval_callback` is
     the scheduler plugin's routing callback for the context (runtime.scheduler.routing_callback)."""
     overrides = _override_array(placement) if placement else None
+    devices = model_devices(placement) if placement else ModelDevices(None, 0, None)
     threads = options.threads or default_threads()
     kv = KV_TYPES[options.kv_cache_type or "f16"]
     rss = rss_bytes()
     started = time.perf_counter()
-    with captured_log() as lines, _llama_construction(overrides, options.repack, eval_callback):
+    with captured_log() as lines, _llama_construction(overrides, options.repack, eval_callback, devices.devices):
         try:
             llm = llama_cpp().Llama(
                 model_path=str(path), n_ctx=placement.ctx if placement else (options.ctx or 512),
                 n_threads=threads, n_threads_batch=threads, n_batch=options.batch or 512,
                 n_ubatch=options.ubatch or 512, flash_attn=bool(options.flash_attention), type_k=kv, type_v=kv,
-                n_gpu_layers=placement.n_gpu_layers if placement else 0, seed=options.seed, verbose=False,
+                n_gpu_layers=devices.n_gpu_layers, tensor_split=devices.tensor_split, seed=options.seed,
+                verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
             reason = last_line(lines) if lines else str(exc)
             raise RuntimeLoadError(f"{path}: llama.cpp could not load the model: {reason}") from None
-    return LoadedLlama(llm, parse_buffers(lines), time.perf_counter() - started, rss, tuple(lines), overrides)
+    return LoadedLlama(llm, parse_buffers(lines), time.perf_counter() - started, rss, tuple(lines),
+                       (overrides, devices))
 
 
 def dry_run(path: str | os.PathLike[str], placement: Placement, options: EngineOptions) -> tuple[Buffer, ...]:
@@ -141,8 +148,14 @@ def dry_run(path: str | os.PathLike[str], placement: Placement, options: EngineO
     KV buffers come back as 0-byte placeholders (the planner computes those from the index)."""
     lib = llama_cpp()
     overrides = _override_array(placement)
+    devices = model_devices(placement)
     params = lib.llama_model_default_params()
-    params.n_gpu_layers = placement.n_gpu_layers
+    params.n_gpu_layers = devices.n_gpu_layers
+    if devices.devices is not None:
+        params.devices = ctypes.cast(devices.devices, ctypes.c_void_p)
+    split = (ctypes.c_float * len(devices.tensor_split))(*devices.tensor_split) if devices.tensor_split else None
+    if split is not None:
+        params.tensor_split = split
     if overrides is not None:
         params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         params.use_extra_bufts = options.repack

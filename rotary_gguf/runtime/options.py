@@ -9,6 +9,7 @@ from rotary_gguf.errors import RotaryError
 from rotary_gguf.plan import LAYER_ORDERS
 from rotary_gguf.profile import Profile
 from rotary_gguf.rotation import POLICIES
+from rotary_gguf.rpc import Endpoint
 from rotary_gguf.runtime.llama import KV_TYPES, default_threads
 
 
@@ -42,6 +43,8 @@ class EngineOptions:
     max_batch: int | None = None  # rotary: larger batches are left whole to llama.cpp (<= 0: none are)
     routing_only: bool = False  # count routing with the plugin, no slots (calibration), on any machine
     seed: int = 0
+    rpc: tuple[Endpoint, ...] = ()  # llama.cpp RPC servers for the expert layers that do not fit locally
+    host_budget: int | None = None  # with rpc: host RAM this machine may use (bytes; None: what is available)
 
     def __post_init__(self) -> None:
         for name in ("ctx", "threads", "batch", "ubatch"):
@@ -54,7 +57,7 @@ class EngineOptions:
             raise OptionsError(f"unknown rotation policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.layer_order not in LAYER_ORDERS:
             raise OptionsError(f"unknown layer order {self.layer_order!r}; known: {', '.join(LAYER_ORDERS)}")
-        for name in ("vram_budget", "copy_budget"):
+        for name in ("vram_budget", "copy_budget", "host_budget"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise OptionsError(f"{name} must not be negative (got {value})")
@@ -78,4 +81,7 @@ class EngineOptions:
         return effective, filled
 
     def to_json(self) -> dict[str, object]:
-        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
+        def plain(v: object) -> object:
+            return str(v) if isinstance(v, Path) else [str(e) for e in v] if isinstance(v, tuple) else v
+
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
