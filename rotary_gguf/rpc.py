@@ -19,10 +19,11 @@ DEFAULT_PORT = 50052  # llama.cpp's rpc-server default
 _COMMAND_BYTES = 9
 _RESPONSE_BYTES = 8
 RPC_TENSOR_BYTES = 296
-# What one remote MoE layer costs per decoded token besides its activations, counted on loopback
-# (benchmarks/rpc_loopback.py): the scheduler sends the layer's graph (its nodes and their sources as
-# rpc_tensors) with every compute, since the RPC device only re-runs a graph it saw last.
-GRAPH_TENSORS_PER_LAYER = 24
+# The scheduler sends a remote layer's graph with every compute (the RPC device re-runs only the graph it saw
+# last): its 24-25 nodes and their sources, 59-63 rpc_tensors for a qwen3moe MoE block (GGML_RPC_DEBUG=1 on
+# the server, benchmarks/rpc_loopback.py).
+GRAPH_TENSORS_PER_LAYER = 61
+_GRAPH_NODES_PER_LAYER = 24
 _HOST = re.compile(r"^[A-Za-z0-9.\-_]+$")
 
 
@@ -88,12 +89,15 @@ def remote_compute_bytes(index: ModelIndex, ubatch: int) -> int:
 
 
 def layer_network_bytes(index: ModelIndex) -> int:
-    """Bytes over the socket per decoded token for one remote MoE layer: its input row, the selected
-    experts' ids and weights in, the output row back (f32), the commands' framing, and the layer's graph."""
+    """Bytes over the socket per decoded token for one remote MoE layer. The scheduler gives the RPC device
+    the whole MoE block (routing, experts, the residual add): in go the normed input row, the residual row
+    and the router's logits, back comes the layer's output row (f32); plus the four commands' framing (each
+    names its tensor as an rpc_tensor) and the layer's graph."""
     p = index.params
-    activations = 4 * (2 * p.n_embd + 2 * p.n_expert_used)
-    framing = 4 * (_COMMAND_BYTES + RPC_TENSOR_BYTES + 16) + 2 * _RESPONSE_BYTES
-    return activations + framing + GRAPH_TENSORS_PER_LAYER * RPC_TENSOR_BYTES
+    activations = 4 * (3 * p.n_embd + p.n_expert)  # two rows and the logits in, one row out
+    framing = 4 * (_COMMAND_BYTES + RPC_TENSOR_BYTES + 16) + _RESPONSE_BYTES
+    graph = GRAPH_TENSORS_PER_LAYER * RPC_TENSOR_BYTES + _GRAPH_NODES_PER_LAYER * 8 + 12
+    return activations + framing + graph
 
 
 def _host_expert_layers(index: ModelIndex, placement: Placement) -> list[int]:
