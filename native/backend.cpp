@@ -21,7 +21,7 @@
 #ifndef ROTARY_LLAMA_CPP_PYTHON_VERSION
 #error "ROTARY_LLAMA_CPP_PYTHON_VERSION must name the llama-cpp-python version the headers come from"
 #endif
-#define ROTARY_SCHED_ABI 4
+#define ROTARY_SCHED_ABI 5
 #define ROTARY_STR_(x) #x
 #define ROTARY_STR(x) ROTARY_STR_(x)
 

@@ -336,7 +336,7 @@ struct rotary_decide {
             }
             victims(c.row);
             const int slot = next_victim(c.row);
-            if (slot < 0 || !(c.value > victim_value[(size_t) c.row * depth + slot])) {
+            if (slot < 0 || !(c.value > victim_value[(size_t) c.row * depth + slot] + policy.admit_margin)) {
                 closed[c.row] = 1;
                 continue;
             }
@@ -428,9 +428,10 @@ rotary_decide * rotary_decide_new(const rotary_decide_layer_t * layers, int n_la
         return nullptr;
     }
     if ((policy->kind != ROTARY_DECIDE_RECENCY && policy->kind != ROTARY_DECIDE_FREQUENCY) || !(policy->decay >= 0)
-        || !(policy->decay < 1)) {
+        || !(policy->decay < 1) || !(policy->admit_margin >= 0) || !std::isfinite(policy->admit_margin)) {
         fail("rotary_decide_new: policy kind " + std::to_string(policy->kind) + " with decay "
-             + std::to_string(policy->decay) + " (kinds 0 and 1, decay in [0, 1))");
+             + std::to_string(policy->decay) + " and admission margin " + std::to_string(policy->admit_margin)
+             + " (kinds 0 and 1, decay in [0, 1), margin finite and >= 0)");
         return nullptr;
     }
     auto d = std::make_unique<Decide>();

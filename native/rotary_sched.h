@@ -147,6 +147,7 @@ typedef struct rotary_decide_policy_t {
     double decay;  // per decoded token (FREQUENCY), in [0, 1)
     double request_weight;
     double calibration_weight;
+    double admit_margin;  // a missed expert takes a slot only when worth more than its resident plus this (>= 0)
 } rotary_decide_policy_t;
 
 typedef struct rotary_decide_layer_t {

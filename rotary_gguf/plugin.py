@@ -24,7 +24,7 @@ from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 
 LIBRARY_NAME = "librotary_sched.so"
-ABI = 4
+ABI = 5
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _model = ctypes.c_void_p  # rotary_sched_model *
@@ -66,11 +66,11 @@ class _DecideLayer(ctypes.Structure):
 
 
 class _DecidePolicy(ctypes.Structure):
-    """typedef struct rotary_decide_policy_t { int32_t kind; double decay, request_weight, calibration_weight; }
-    rotary_decide_policy_t;"""
+    """typedef struct rotary_decide_policy_t { int32_t kind; double decay, request_weight, calibration_weight,
+    admit_margin; } rotary_decide_policy_t;"""
 
     _fields_ = [("kind", ctypes.c_int32), ("decay", ctypes.c_double), ("request_weight", ctypes.c_double),
-                ("calibration_weight", ctypes.c_double)]
+                ("calibration_weight", ctypes.c_double), ("admit_margin", ctypes.c_double)]
 
 
 # typedef struct rotary_decide_counters_t { uint64_t hits, misses, admissions, evictions, bytes_copied; } ...;
@@ -334,14 +334,15 @@ class Decisions:
     `counters` are numpy views of its own tables ([rows, ...], rows in ascending layer order)."""
 
     def __init__(self, shapes: list[tuple[int, int, int, int, int]], kind: str, decay: float,
-                 request_weight: float, calibration_weight: float, model: ModelScheduler | None = None) -> None:
+                 request_weight: float, calibration_weight: float, admit_margin: float = 0.0,
+                 model: ModelScheduler | None = None) -> None:
         """shapes: (layer, n_expert, n_used, n_slots, slot_bytes) per layer; kind: "recency" or "frequency";
         model: the scheduler state the decisions go to (bound), else none (the simulator)."""
         if kind not in DECIDE_KINDS:
             raise PluginError(f"unknown decision policy kind {kind!r}; known: {', '.join(DECIDE_KINDS)}")
         self._lib = lib = model._plugin._lib if model is not None else decision_library()
         layers = (_DecideLayer * max(1, len(shapes)))(*[_DecideLayer(*shape) for shape in shapes])
-        policy = _DecidePolicy(DECIDE_KINDS[kind], decay, request_weight, calibration_weight)
+        policy = _DecidePolicy(DECIDE_KINDS[kind], decay, request_weight, calibration_weight, admit_margin)
         self._handle = lib.rotary_decide_new(layers, len(shapes), ctypes.byref(policy))
         if not self._handle:
             raise PluginError(f"scheduler plugin: {lib.rotary_sched_last_error().decode()}")

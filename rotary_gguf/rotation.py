@@ -26,9 +26,13 @@ from rotary_gguf.errors import RotaryError
 from rotary_gguf.plugin import DECISION_COUNTERS, Decisions, ModelScheduler, PluginError
 
 POLICIES = ("lru", "lfu", "hybrid")
-DEFAULT_POLICY = "hybrid"  # chosen with `rotary simulate` (README "Expert rotation")
-LFU_DECAY = 0.95  # per decoded token; 0.8-0.98 tried on the synthetic trace (README)
-HYBRID_PRIOR_WEIGHT = 1.0  # of the steady-state mean LFU score; 0.25-2 tried
+# Chosen with `rotary simulate` against the offline optimum on the shipped model's recorded traces and the
+# synthetic trace (docs/rotation.md, "Choosing the default"): decay 0.8-0.98, prior weight 0-2 and
+# admission margin 0-1.5 tried.
+DEFAULT_POLICY = "hybrid"
+LFU_DECAY = 0.9  # per decoded token
+HYBRID_PRIOR_WEIGHT = 0.25  # of the steady-state mean LFU score
+ADMIT_MARGIN = 1.0  # decayed selections a newcomer must be worth beyond the resident it replaces
 
 
 class RotationError(RotaryError):
@@ -49,13 +53,15 @@ class Policy:
     base + n_used / n_expert / (1 - decay) * (request_weight * request + calibration_weight * calibration),
     where base is the step the expert was last selected in ("recency") or its selections decayed by `decay`
     per token ("frequency"), request the last prompt's routing and calibration the calibration set's
-    popularity (`prior`), each normalised to mean 1 over the layer's experts. Higher: keep it."""
+    popularity (`prior`), each normalised to mean 1 over the layer's experts. Higher: keep it. A missed
+    expert takes a slot only when its value exceeds the resident's by more than admit_margin."""
 
     name: str
     kind: str  # "recency" or "frequency"
     decay: float = 0.0
     request_weight: float = 0.0
     calibration_weight: float = 0.0
+    admit_margin: float = 0.0
     prior: dict[int, np.ndarray] | None = field(default=None, compare=False)
 
 
@@ -64,10 +70,12 @@ _POLICIES = {
     "lru": Policy("lru", "recency"),
     # Decayed LFU: every selection adds 1, every token multiplies the scores by LFU_DECAY (a topic change
     # is forgotten in ~1/(1-decay) tokens).
-    "lfu": Policy("lfu", "frequency", LFU_DECAY),
+    # A missed expert replaces a resident only when its score beats the resident's by ADMIT_MARGIN (one
+    # selection): an expert seen once does not push out one in steady use.
+    "lfu": Policy("lfu", "frequency", LFU_DECAY, admit_margin=ADMIT_MARGIN),
     # Decayed LFU plus two priors that do not decay: the request's prompt routing and the calibration
     # popularity, weighted by HYBRID_PRIOR_WEIGHT of the steady-state mean score.
-    "hybrid": Policy("hybrid", "frequency", LFU_DECAY, HYBRID_PRIOR_WEIGHT, HYBRID_PRIOR_WEIGHT),
+    "hybrid": Policy("hybrid", "frequency", LFU_DECAY, HYBRID_PRIOR_WEIGHT, HYBRID_PRIOR_WEIGHT, ADMIT_MARGIN),
 }
 assert tuple(_POLICIES) == POLICIES
 
@@ -123,7 +131,7 @@ class Rotator:
         shapes = [(layer, s.n_expert, s.n_used, s.n_slots, s.slot_bytes) for layer, s in sorted(layers.items())]
         try:
             self.native = Decisions(shapes, policy.kind, policy.decay, policy.request_weight,
-                                    policy.calibration_weight, model)
+                                    policy.calibration_weight, policy.admit_margin, model)
             for layer, popularity in (policy.prior or {}).items():
                 if layer in layers:
                     self.native.set_prior(layer, popularity)

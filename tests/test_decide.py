@@ -1,8 +1,8 @@
 """The native decision engine (native/decide.cpp) makes the very decisions the Python Rotator made before
 it moved into the plugin: same slot tables, pending copies, counters and bytes per token after every step,
 for every policy, on the synthetic trace and on random traces, with 0 to n_expert slots, with and without a
-copy budget. `_Reference` is the Python implementation as of commit 1bd4b7e (rotation.py), kept here only
-as the yardstick."""
+copy budget. `_Reference` is the Python implementation as of commit 1bd4b7e (rotation.py), with the
+admission margin added since, kept here only as the yardstick."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from rotary_gguf.plugin import Decisions, PluginError
-from rotary_gguf.rotation import HYBRID_PRIOR_WEIGHT, LFU_DECAY, POLICIES, LayerShape, Rotator, make_policy
+from rotary_gguf.rotation import (
+    ADMIT_MARGIN,
+    HYBRID_PRIOR_WEIGHT,
+    LFU_DECAY,
+    POLICIES,
+    LayerShape,
+    Rotator,
+    make_policy,
+)
 from rotary_gguf.trace import synthetic_trace
 
 
@@ -102,6 +110,7 @@ class _Reference:
 
     def admit(self, layers, rows, ids):
         budget, priority = self.budget, self.priority()
+        margin = 0.0 if self.kind == "lru" else ADMIT_MARGIN
         with_slots = np.array([self.layers[layer].n_slots > 0 for layer in layers], dtype=bool)
         rank = np.zeros(len(self.row), dtype=np.int64)
         rank[[self.row[layer] for layer in layers]] = np.arange(len(layers))
@@ -120,7 +129,7 @@ class _Reference:
             if row in closed or (budget is not None and copied + size > budget):
                 continue
             k = taken[row]
-            if k >= victims.shape[1] or not priority[row, expert] > values[row, victims[row, k]]:
+            if k >= victims.shape[1] or not priority[row, expert] > values[row, victims[row, k]] + margin:
                 closed.add(row)
                 continue
             slot, taken[row] = int(victims[row, k]), k + 1
