@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Across hosts on loopback: decode tok/s of one model on this host alone against the same model with its last
 expert layers on two `rotary rpc-server` processes on 127.0.0.1 (llama.cpp's RPC backend), and the bytes over
-the sockets per decoded token against the planner's prediction (rotary_gguf.rpc.layer_network_bytes).
+the sockets per decoded token against the planner's prediction (rotary_gguf.rpc.remote_network_bytes).
 
 Both engines are open at once; repetitions alternate which runs first. Bytes are what the servers' TCP
 connections received and sent (the kernel's tcp_info through `ss`: bytes_received + bytes_acked, payload
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from rotary_gguf.demo import cached_synth_model
 from rotary_gguf.report import format_bytes, format_mean_sd
-from rotary_gguf.rpc import Endpoint, RpcError, layer_network_bytes, remote_compute_bytes
+from rotary_gguf.rpc import Endpoint, RpcError, remote_compute_bytes, remote_network_bytes
 from rotary_gguf.runtime import Engine, EngineOptions, prepare
 from rotary_gguf.runtime.rpc import probe
 
@@ -103,6 +103,7 @@ def main() -> None:
         across = Engine.open(path, "cpu-only", "layer-fill", EngineOptions(ctx=1024, threads=args.threads, rpc=(a, b),
                                                                          host_budget=budget))
         remote = [(s.buffer, s.layers) for s in across.placement.remote]
+        predicted_bytes = sum(remote_network_bytes(index, across.placement).values())
         results: dict[str, list[float]] = {"single host": [], "2 RPC hosts": []}
         runs = {"single host": lambda: decode_tok_s(single, args.tokens),
                 "2 RPC hosts": lambda: decode_tok_s(across, args.tokens)}
@@ -114,7 +115,7 @@ def main() -> None:
         across.close()
         single.close()
     layers = sum(len(x) for _, x in remote)
-    predicted = layers * layer_network_bytes(index)
+    predicted = predicted_bytes
     print(f"{path.name}: {len(moe)} MoE layers, {layers} on RPC servers ({'; '.join(f'{n}: {x}' for n, x in remote)}), "
           f"{args.tokens} decoded tokens x {args.rounds} rounds, threads: client {args.threads}, each server "
           f"{args.server_threads}")

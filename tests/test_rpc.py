@@ -137,7 +137,14 @@ def test_place_remote_moves_the_last_layers_onto_devices_in_order(small_model: P
     from rotary_gguf.gguf import open_index
     from rotary_gguf.plan import plan_placement
     from rotary_gguf.profile import load_profile
-    from rotary_gguf.rpc import Link, RemoteDevice, network_estimate, place_remote
+    from rotary_gguf.rpc import (
+        Link,
+        RemoteDevice,
+        layer_network_bytes,
+        network_estimate,
+        place_remote,
+        remote_network_bytes,
+    )
 
     index = open_index(small_model)
     local = plan_placement(index, load_profile("cpu-only"), ctx=512)
@@ -150,6 +157,13 @@ def test_place_remote_moves_the_last_layers_onto_devices_in_order(small_model: P
     assert placed.host_weight_bytes == local.host_weight_bytes - sum(s.weight_bytes for s in placed.remote)
     assert [o.buffer for o in placed.overrides] == ["RPC0[a:1]", "RPC0[b:2]", "CPU"]
     assert placed.overrides[0].pattern.startswith(r"^blk\.(8|9|10|11)\.")
+    # The ancestry of the graph rides with the first remote layer (6, on b); a one-layer device re-runs its graph.
+    per_layer = layer_network_bytes(index)
+    assert remote_network_bytes(index, placed) == {"RPC0[a:1]": 4 * per_layer,
+                                                   "RPC0[b:2]": 2 * per_layer + 6 * 55 * 296}
+    single = place_remote(index, local, devices[:1], local.predicted_host_bytes - 10 * 2**20, 512)
+    assert [s.layers for s in single.remote] == [(11,)]
+    assert remote_network_bytes(index, single)["RPC0[a:1]"] < per_layer / 2
     net = network_estimate(index, placed, 100.0, Link(gbs=1.0, latency_us=50))
     assert net.round_trips_per_token == 6
     assert net.seconds_per_token == pytest.approx(6 * 50e-6 + net.bytes_per_token / 1e9)

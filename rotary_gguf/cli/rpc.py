@@ -28,15 +28,15 @@ def rpc_fields(rpc: str | None, host_budget: str | None) -> dict[str, object]:
 def format_hosts(index, placement, estimate, link) -> str:
     """`rotary plan --rpc`: weights, KV cache, compute and network bytes per token on each host, and the speed."""
     from rotary_gguf.report import _layers, format_bytes
-    from rotary_gguf.rpc import layer_network_bytes
+    from rotary_gguf.rpc import remote_network_bytes
 
-    per_layer = layer_network_bytes(index)
+    network = remote_network_bytes(index, placement)
     kv = placement.kv_bytes + placement.state_bytes
     rows = [("this host", placement.host_weight_bytes + placement.gpu_weight_bytes + placement.gpu_expert_bytes,
              kv, placement.host_compute_bytes + placement.compute_bytes, "-", "attention, norms, routers, output"
              + (f"; experts of layers {_layers(_local_layers(index, placement))}" if _local_layers(index, placement)
                 else ""))]
-    rows += [(s.buffer, s.weight_bytes, 0, s.compute_bytes, format_bytes(per_layer * len(s.layers)),
+    rows += [(s.buffer, s.weight_bytes, 0, s.compute_bytes, format_bytes(network[s.buffer]),
               f"experts of layers {_layers(s.layers)}; {format_bytes(s.free_bytes)} free")
              for s in placement.remote]
     lines = [f"hosts          link {link.gbs:g} GB/s, {link.latency_us:g} us per round trip (--link-gbs, "
