@@ -185,6 +185,13 @@ class Rotator:
         slots, the others take the remaining slots in the order given, so only newcomers are copied."""
         self._call(self.native.set_resident, layer, [int(e) for e in chosen])
 
+    def seed(self, popularity: dict[int, np.ndarray]) -> None:
+        """Each layer's slots take its most popular experts (the calibration's, at load)."""
+        for layer, shape in self.layers.items():
+            if shape.n_slots and layer in popularity:
+                chosen = [int(e) for e in np.argsort(-np.asarray(popularity[layer]), kind="stable")[: shape.n_slots]]
+                self.set_resident(layer, chosen)
+
     def after_token(self, routing: dict[int, np.ndarray]) -> None:
         """Count the token's hits, commit the previous token's copies, admit this token's misses."""
         self._call(self.native.after_token, *self.routing_arrays(routing), self.budget())
@@ -272,10 +279,7 @@ class Rotation:
 
     def seed_from_popularity(self, popularity: dict[int, np.ndarray]) -> None:
         """Before any request: each layer's slots take its most popular experts over the calibration set."""
-        for layer, shape in self.layers.items():
-            if shape.n_slots and layer in popularity:
-                chosen = [int(e) for e in np.argsort(-np.asarray(popularity[layer]), kind="stable")[: shape.n_slots]]
-                self.rotator.set_resident(layer, chosen)
+        self.rotator.seed(popularity)
 
     def watch(self, observer: Callable[[str, dict[int, np.ndarray]], None]) -> None:
         """From now on, observer(phase, routing) sees every step's routing ("prompt" or "decode")."""

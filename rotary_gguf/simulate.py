@@ -177,6 +177,8 @@ def _run(trace: Trace, slots: int, policy: str, budget: int | None, rotate: bool
     layers = {layer: LayerShape(h.n_expert, h.n_expert_used, min(slots, h.n_expert), h.slot_bytes.get(layer, 0))
               for layer in h.layers}
     rotator = Rotator(layers, make_policy(policy, layers, prior), lambda: budget)
+    if prior:  # the runtime seeds a calibrated model's slots at load (Rotation.seed_from_popularity)
+        rotator.seed(prior)
     for phase, routing in trace.steps:
         if phase == "prompt":
             rotator.after_prompt(routing)
