@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Rotation policies compared on a routing trace: hit rate and bytes copied per token against slots.
+"""Rotation policies compared on routing traces: hit rate, share of the offline optimum, bytes copied.
 
-    .venv/bin/python benchmarks/policy_comparison.py TRACE [--slots 8 16 32] [--profile NAME] [--plot PNG]
+    .venv/bin/python benchmarks/policy_comparison.py [TRACE ...] [--fractions 8 4 2] [--profile NAME] [--plot PNG]
 
-Without TRACE it generates the synthetic Qwen3-30B-A3B trace (`rotary trace synth` defaults). Every row
-uses the runtime's default copy budget for the profile (its PCIe bandwidth; see rotary_gguf.simulate).
+Without TRACE it uses the synthetic Qwen3-30B-A3B trace (`rotary trace synth` defaults). Slots per layer are
+1/8, 1/4 and 1/2 of each trace's experts unless --fractions says otherwise. Every row uses the runtime's
+default copy budget for the profile (its PCIe bandwidth; see rotary_gguf.simulate); "of optimum" is the hit
+rate over the offline optimum under the runtime's admission delay (docs/rotation.md, "The yardstick").
 """
 
 from __future__ import annotations
@@ -14,31 +16,33 @@ from pathlib import Path
 
 from rotary_gguf.profile import load_profile
 from rotary_gguf.rotation import POLICIES
-from rotary_gguf.simulate import plot_curve, simulate
+from rotary_gguf.simulate import plot_curve, simulate_policies
 from rotary_gguf.trace import read_trace, synthetic_trace
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trace", type=Path, nargs="?")
-    parser.add_argument("--slots", type=int, nargs="+", default=None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("traces", type=Path, nargs="*")
+    parser.add_argument("--fractions", type=int, nargs="+", default=[8, 4, 2])
     parser.add_argument("--profile", default="rtx4060-laptop-8gb")
-    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="the hit-rate curve of the first trace")
     args = parser.parse_args()
-    trace = read_trace(args.trace) if args.trace else synthetic_trace()
+    traces = [(str(path), read_trace(path)) for path in args.traces] or [("synthetic", synthetic_trace())]
     profile = load_profile(args.profile)
-    n = trace.header.n_expert
-    slots = args.slots or [n // 16, n // 8, n // 4, n // 2]
-    kind = "synthetic" if trace.header.synthetic else "recorded"
-    print(f"{trace.header.model} ({kind} trace): {trace.decode_steps} decoded tokens, {len(trace.header.layers)} "
-          f"layers x {n} experts ({trace.header.n_expert_used} used); copy budget from {profile.name}")
-    print(f"{'slots':>6} {'policy':<8}{'hit rate':>10}{'no rotation':>13}{'MiB copied/token':>18}{'budget MiB':>12}")
-    for k in slots:
-        for policy in POLICIES:
-            r = simulate(trace, k, policy, profile)
-            print(f"{k:>6} {policy:<8}{r.hit_rate:>10.1%}{r.static_hit_rate:>13.1%}"
-                  f"{r.bytes_copied_per_token / 2**20:>18.2f}{(r.budget_bytes or 0) / 2**20:>12.1f}")
+    print(f"copy budget from {profile.name}")
+    print("| trace | slots | optimum (delayed) | " + " | ".join(POLICIES) + " |")
+    print("| --- | --- | --- | " + " | ".join("---" for _ in POLICIES) + " |")
+    for name, trace in traces:
+        n = trace.header.n_expert
+        label = f"{Path(name).name} ({trace.decode_steps} tokens, {n} experts, top-{trace.header.n_expert_used})"
+        for fraction in args.fractions:
+            k = max(1, n // fraction)
+            results = simulate_policies(trace, k, list(POLICIES), profile)
+            cells = [f"{r.hit_rate:.1%} ({r.share_of_optimal:.2f})" for r in results]
+            print(f"| {label} | {k} (1/{fraction}) | {results[0].optimal_delayed_hit_rate:.1%} | " + " | ".join(cells)
+                  + " |")
     if args.plot:
+        name, trace = traces[0]
         print(f"wrote {plot_curve(trace, list(POLICIES), profile, args.plot, None)}")
 
 

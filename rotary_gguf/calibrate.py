@@ -93,7 +93,7 @@ def plot_heatmap(calibration: Calibration, out: Path) -> Path:
     grid = np.stack([popularity[layer] * len(popularity[layer]) for layer in layers])
     figure, axes = plt.subplots(figsize=(min(14, 4 + grid.shape[1] / 10), min(10, 2 + len(layers) / 5)))
     image = axes.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
-    axes.set(xlabel="expert", ylabel="layer", title=f"{calibration.model_file}: expert popularity x uniform "
+    axes.set(xlabel="expert", ylabel="layer", title=f"{calibration.model_file}: expert popularity x uniform\n"
              f"({calibration.prompt_tokens} prompt + {calibration.generated_tokens} generated tokens)")
     axes.set_yticks(range(len(layers)), [str(layer) for layer in layers] if len(layers) <= 24 else None)
     figure.colorbar(image, ax=axes, label="selections / uniform share")

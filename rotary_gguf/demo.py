@@ -1,4 +1,5 @@
-"""The embedded default job: synthesize a MoE model into the cache, index it, generate through llama.cpp."""
+"""The embedded default job: the shipped code model (or a synthetic one) indexed, then a completion
+generated through llama.cpp."""
 
 from __future__ import annotations
 
@@ -6,20 +7,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rotary_gguf.cache import cache_dir
+from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
 from rotary_gguf.runtime import Engine, EngineOptions, Generation
 from rotary_gguf.synth import PRESET_DEFAULT_TYPE, PRESETS, synth_model
 from rotary_gguf.synth.writer import Progress
 
-DEMO_PROMPT = "<|im_start|>user\nWhich experts does this token need?<|im_end|>\n<|im_start|>assistant\n"
+# The shipped model: a small Qwen3-MoE trained on the Python standard library (scripts/train_tiny_moe.py,
+# built by scripts/build_tiny_moe.py; licence note beside it).
+SHIPPED_MODEL = Path(__file__).resolve().parent / "data" / "models" / "stdlib-moe-q8_0.gguf"
+CODE_PROMPT = "def fibonacci(n):\n"
+CHAT_PROMPT = "<|im_start|>user\nWhich experts does this token need?<|im_end|>\n<|im_start|>assistant\n"
 # Bump when synth output changes, so cached demo models are rebuilt.
 SYNTH_REVISION = 1
+
+
+class DemoError(RotaryError):
+    """The demo cannot run (its model is missing)."""
 
 
 @dataclass(frozen=True)
 class DemoResult:
     model: Path
     synthesized: bool
+    prompt: str
     index: ModelIndex
     placement: str
     notes: tuple[str, ...]
@@ -36,11 +47,26 @@ def cached_synth_model(preset: str, seed: int = 0, progress: Progress | None = N
     return path, True
 
 
-def run_demo(preset: str = "small", n_tokens: int = 16, progress: Progress | None = None) -> DemoResult:
-    """Synthesize (or reuse) the preset's model and generate n_tokens greedily through the engine, with the
-    machine's own profile and the placement it picks."""
-    path, written = cached_synth_model(preset, progress=progress)
+def shipped_model() -> Path:
+    """The shipped model's path (DemoError if this installation lacks it)."""
+    if not SHIPPED_MODEL.is_file():
+        raise DemoError(f"the shipped model is missing from this installation ({SHIPPED_MODEL}); reinstall "
+                        "rotary-gguf, or run `rotary demo --synthetic small`")
+    return SHIPPED_MODEL
+
+
+def run_demo(synthetic: str | None = None, n_tokens: int = 48, prompt: str | None = None,
+             progress: Progress | None = None) -> DemoResult:
+    """Generate n_tokens greedily after `prompt` through the engine, with the machine's own profile and the
+    placement it picks: on the shipped code model, or on a synthetic preset's model (synthesized into the
+    cache on first use; random weights, so its text is noise)."""
+    if synthetic is None:
+        path, written = shipped_model(), False
+    else:
+        path, written = cached_synth_model(synthetic, progress=progress)
+    if prompt is None:
+        prompt = CODE_PROMPT if synthetic is None else CHAT_PROMPT
     with Engine.open(path, "auto", "auto", EngineOptions(ctx=512)) as engine:
         engine.index.require_moe()
-        generation = engine.complete(DEMO_PROMPT, n_tokens)
-        return DemoResult(path, written, engine.index, engine.placement.strategy, engine.notes, generation)
+        generation = engine.complete(prompt, n_tokens)
+        return DemoResult(path, written, prompt, engine.index, engine.placement.strategy, engine.notes, generation)

@@ -56,11 +56,11 @@ def test_synth_hf_command(tmp_path):
 def test_demo_synthesizes_once_then_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("ROTARY_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()
-    first = runner.invoke(main, ["demo", "--preset", "tiny", "--tokens", "5"])
+    first = runner.invoke(main, ["demo", "--synthetic", "tiny", "--tokens", "5"])
     assert first.exit_code == 0, first.output
     assert first.stdout.startswith("synthesized ") and "tok/s" in first.stdout
     assert "qwen3moe: 2 layers" in first.stdout
-    second = runner.invoke(main, ["demo", "--preset", "tiny", "--tokens", "5"])
+    second = runner.invoke(main, ["demo", "--synthetic", "tiny", "--tokens", "5"])
     assert second.stdout.startswith("cached ")
     assert len(list((tmp_path / "cache").iterdir())) == 1
 

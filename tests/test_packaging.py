@@ -21,8 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 # The cache before conftest points ROTARY_CACHE at the session's folder (module import comes first): only read,
 # for the ggml headers setup_env.sh fetched there.
 _SETUP_CACHE = cache_dir()
-_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                                     ".ruff_cache", "*.so", "*.gguf", "*.part")
+_NOT_BUILT = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
+                                    ".ruff_cache", "*.so", "*.part")
+_SHIPPED_MODELS = ROOT / "rotary_gguf" / "data" / "models"
+
+
+def _NOT_SOURCE(folder: str, names: list[str]) -> set[str]:
+    """What the copy leaves out: build outputs and every GGUF but the shipped model (as .gitignore does)."""
+    ignored = _NOT_BUILT(folder, names)
+    if Path(folder).resolve() != _SHIPPED_MODELS:
+        ignored |= {name for name in names if name.endswith(".gguf")}
+    return ignored
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +74,9 @@ def test_wheel_has_native_sources_profiles_and_data(wheel_names: set[str]) -> No
     profiles = _source_files("profiles", "*.yaml")
     assert len(profiles) >= 7
     expected = ([f"rotary_gguf/native/{p}" for p in native] + [f"rotary_gguf/profiles/{p}" for p in profiles]
-                + ["rotary_gguf/data/bpe_vocab.json"])
+                + ["rotary_gguf/data/bpe_vocab.json"]
+                + [f"rotary_gguf/data/models/{name}" for name in ("stdlib-moe-q8_0.gguf", "PSF-LICENSE.txt",
+                                                                  "README.txt", "training.json")])
     assert sorted(set(expected) - wheel_names) == []
     assert not [name for name in wheel_names if name.endswith(".so") or name.startswith(("tests/", "native/"))]
 
@@ -116,6 +127,9 @@ def test_installed_rotary_runs_from_the_installed_package(installed: Path, tmp_p
     listed = _run(installed, "rotary", "profiles", "list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "rtx4060-laptop-8gb" in listed.stdout and "cpu-only" in listed.stdout
+    demo = _run(installed, "rotary", "demo", "--tokens", "8", cwd=tmp_path)  # the shipped model, installed
+    assert demo.returncode == 0, demo.stderr
+    assert demo.stdout.startswith("shipped ") and Path(demo.stdout.split()[1]).is_relative_to(installed)
 
 
 @pytest.mark.slow

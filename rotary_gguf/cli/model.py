@@ -99,24 +99,33 @@ def synth_hf(out_dir: Path, model_type: str, dtype: str, config_style: str, shar
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["tiny", "small"]), default="small", show_default=True)
-@click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=24, show_default=True)
-def demo(preset: str, n_tokens: int) -> None:
-    """The embedded default: synthesize a MoE model into the cache, inspect it, generate tokens on llama.cpp."""
+@click.option("--prompt", default=None,
+              help="Text to complete [default: a Python function header; a chat turn with --synthetic].")
+@click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=48, show_default=True)
+@click.option("--synthetic", type=click.Choice(["tiny", "small"]), default=None,
+              help="Run a synthetic random-weight model (written into the cache once) instead of the shipped one.")
+def demo(prompt: str | None, n_tokens: int, synthetic: str | None) -> None:
+    """The embedded default: the shipped code model (a small MoE trained on the Python standard library)
+    indexed, then a completion generated on llama.cpp."""
     from rotary_gguf.demo import run_demo
 
     bar = LazyBar("synthesizing the demo model")
     try:
-        result = run_demo(preset, n_tokens, progress=bar)
+        result = run_demo(synthetic, n_tokens, prompt, progress=bar)
     finally:
         bar.close()
     g = result.generation
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
-    click.echo(("synthesized " if result.synthesized else "cached ") + f"{result.model}\n")
+    origin = "shipped" if synthetic is None else "synthesized" if result.synthesized else "cached"
+    click.echo(f"{origin} {result.model}\n")
     click.echo(format_index(result.index))
     click.echo(f"\nllama.cpp ({result.placement} placement) prompt {g.prompt_tokens} tokens in "
                f"{g.prompt_seconds * 1000:.0f} ms; generated {len(g.tokens)} tokens at "
                f"{g.decode_tokens_per_second:.1f} tok/s"
                + (" (stopped at end-of-generation)" if g.stopped_at_eos else ""))
-    click.echo(f"text (random weights, so noise): {g.text!r}")
+    if synthetic is not None:
+        click.echo(f"text (random weights, so noise): {g.text!r}")
+        return
+    rule = "-" * 60
+    click.echo(f"greedy completion (prompt, then the model's text):\n{rule}\n{result.prompt}{g.text}\n{rule}")
