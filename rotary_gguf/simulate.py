@@ -209,10 +209,12 @@ def simulate(trace: Trace, slots: int, policy: str, profile: Profile, *, budget_
 
 
 def simulate_policies(trace: Trace, slots: int, policies: list[str], profile: Profile, *,
-                      budget_bytes: int | None = None) -> list[SimulationResult]:
+                      budget_bytes: int | None = None,
+                      prior: dict[int, np.ndarray] | None = None) -> list[SimulationResult]:
     """simulate() for each policy, the offline optimum computed once."""
     optimum = offline_optimum(trace, slots)
-    return [simulate(trace, slots, p, profile, budget_bytes=budget_bytes, optimum=optimum) for p in policies]
+    return [simulate(trace, slots, p, profile, budget_bytes=budget_bytes, prior=prior, optimum=optimum)
+            for p in policies]
 
 
 def plot_curve(trace: Trace, policies: list[str], profile: Profile, out: Path, budget_bytes: int | None) -> Path:

@@ -85,6 +85,10 @@ def test_simulator_reproduces_the_plugin_on_real_routing(stand_in, tmp_path, slo
     prior = load_calibration(open_index(SHIPPED_MODEL))[0].popularity()  # hybrid's prior at run time
     result = simulate(trace, 4, "hybrid", PROFILE, budget_bytes=budget, prior=prior)
     assert plugin_hits / (96 * 4 * 6) == result.hit_rate
+    shown = CliRunner().invoke(main, ["simulate", str(tmp_path / "run.rtrc"), "--slots", "4", "--policy", "hybrid",
+                                      "--budget", f"{budget}B", "--calibration", str(SHIPPED_MODEL), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["hit_rate"] == round(result.hit_rate, 4)
     # Real routing repeats: four slots of 32 serve far more than the 4/32 a uniform router would give.
     assert result.hit_rate > 0.25
 
@@ -95,3 +99,9 @@ def test_rotation_on_the_recorded_trace_beats_static_slots(fraction):
     slots = trace.header.n_expert // fraction
     result = simulate(trace, slots, "hybrid", PROFILE)
     assert result.hit_rate > result.static_hit_rate
+
+
+def test_simulate_refuses_a_model_without_calibration(tmp_path, tiny_model):
+    trace = Path(__file__).resolve().parent.parent / "benchmarks" / "traces" / "stdlib-moe.rtrc"
+    out = CliRunner().invoke(main, ["simulate", str(trace), "--slots", "4", "--calibration", str(tiny_model)])
+    assert out.exit_code == 2 and "no calibration to seed from" in out.stderr and out.stderr.count("\n") == 1

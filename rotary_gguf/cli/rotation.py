@@ -22,9 +22,12 @@ from rotary_gguf.rotation import POLICIES
               help="Bandwidths for the predicted decode speed and the default copy budget.")
 @click.option("--plot", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also draw hit rate against slots per layer for the policies, as a PNG.")
+@click.option("--calibration", "calibrated", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="A calibrated model (rotary-aware GGUF, or a GGUF with its sidecar): its popularity seeds the "
+                   "slots and is hybrid's prior, as at run time.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str, budget: str | None,
-             profile_name: str, plot: Path | None, as_json: bool) -> None:
+             profile_name: str, plot: Path | None, calibrated: Path | None, as_json: bool) -> None:
     """Replay TRACE against slots and rotation policies: hit rate, its share of the offline optimum, bytes
     copied, predicted decode speed."""
     from rotary_gguf.profile import load_profile
@@ -38,7 +41,16 @@ def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str,
     k = slots if slots is not None else slots_for_vram(trace, size_option(vram, "--vram"))
     policies = list(POLICIES) if policy == "all" else [policy]
     budget_bytes = size_option(budget, "--budget")
-    results = simulate_policies(trace, k, policies, profile, budget_bytes=budget_bytes)
+    prior = None
+    if calibrated is not None:
+        from rotary_gguf.calibration import load_calibration
+        from rotary_gguf.gguf import open_index
+
+        calibration, reason = load_calibration(open_index(calibrated))
+        if calibration is None:
+            raise Failure(f"{calibrated}: no calibration to seed from: {reason}")
+        prior = calibration.popularity()
+    results = simulate_policies(trace, k, policies, profile, budget_bytes=budget_bytes, prior=prior)
     kind = "synthetic" if trace.header.synthetic else "recorded"
     if plot:
         plot_curve(trace, policies, profile, plot, budget_bytes)
