@@ -19,8 +19,10 @@ PROMPT = list(range(10, 30))
 
 
 def _llama(path: Path):
-    """A plain llama.cpp context of the model (CPU build: every weight in host memory)."""
-    return llama_cpp().Llama(model_path=str(path), n_ctx=256, n_threads=2, n_threads_batch=2, verbose=False)
+    """A plain llama.cpp context of the model (CPU build: every weight in host memory). logits_all: without it
+    llama-cpp-python 0.3.36's eval leaves `scores` unwritten."""
+    return llama_cpp().Llama(model_path=str(path), n_ctx=256, n_threads=2, n_threads_batch=2, logits_all=True,
+                             verbose=False)
 
 
 def _open(path: Path, slots: int) -> ModelScheduler:
@@ -38,7 +40,9 @@ def _counters(state: ModelScheduler) -> tuple[list[LayerStats], SchedulerStats]:
 
 def _eval(llm, tokens: list[int]) -> np.ndarray:
     llm.eval(tokens)
-    return np.array(llm.scores[llm.n_tokens - 1])
+    logits = np.array(llm.scores[llm.n_tokens - 1])
+    assert np.isfinite(logits).all() and logits.any()
+    return logits
 
 
 def test_second_state_leaves_the_first_alone(stand_in, tiny_model, arch_models):
