@@ -173,19 +173,21 @@ def slot_budget() -> Callable[..., int]:
 
 # Tiny random checkpoints of the newer MoE families, written by transformers from a config (the shapes
 # here), with the embedded BPE tokenizer; converted to GGUF by llama.cpp's own convert_hf_to_gguf.py.
+_QWEN3_5_MOE_TEXT = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+    linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=32, max_position_embeddings=4096, tie_word_embeddings=False)
+_GLM4_MOE = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+    first_k_dense_replace=1, n_group=1, topk_group=1, num_nextn_predict_layers=0, use_qk_norm=True,
+    max_position_embeddings=4096, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
 FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     # model_type: (transformers config class, architecture, tiny shapes)
-    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
-        linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=32, max_position_embeddings=4096, tie_word_embeddings=False)),
-    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=1, topk_group=1, num_nextn_predict_layers=0, use_qk_norm=True,
-        max_position_embeddings=4096, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", _QWEN3_5_MOE_TEXT),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", _GLM4_MOE),
     "gemma4_text": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, global_head_dim=32, enable_moe_block=True, num_experts=8, top_k_experts=2,
@@ -195,17 +197,11 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
     # glm4_moe with one NextN/MTP block after its 3 layers (written by transformers as a 4th layer; the
     # converter's names for the NextN projections and norms are added by _release_layout)
     "glm4_moe-nextn": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-        first_k_dense_replace=1, n_group=1, topk_group=1, use_qk_norm=True, max_position_embeddings=4096,
-        tie_word_embeddings=False, rope_parameters=dict(rope_type="default", rope_theta=10000.0,
-                                                        partial_rotary_factor=0.5))),
+        _GLM4_MOE, num_hidden_layers=4, num_nextn_predict_layers=1)),
     # qwen3_5_moe_text with a recurrent state large enough (0.41 MiB) to compare with llama.cpp's log to 1%
     "qwen3_5_moe_text-wide-state": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
-        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64, linear_value_head_dim=64,
-        linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=32, max_position_embeddings=4096, tie_word_embeddings=False)),
+        _QWEN3_5_MOE_TEXT, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+        linear_value_head_dim=64)),
     # The converter reads the release's layout (names, MXFP4 experts, config keys: the tables below);
     # deepseek4.cpp needs hc_mult 4, compression ratios 4 and 128, and (measured) a 64-wide rotary part.
     "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
