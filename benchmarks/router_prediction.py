@@ -23,11 +23,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tiny_moe_quality import held_out_files  # noqa: E402
 
 
 def held_out_ids(tokenizer, n_tokens: int) -> list[int]:
-    site = Path(next(p for p in sys.path if p.endswith("site-packages")))
-    files = sorted(f for pkg in ("click", "numpy/lib") for f in (site / pkg).glob("*.py"))
+    _, files = held_out_files()
     text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     return tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
 

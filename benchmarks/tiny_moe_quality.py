@@ -39,7 +39,7 @@ from rotary_gguf.demo import SHIPPED_MODEL  # noqa: E402
 from rotary_gguf.embed import copy_metadata  # noqa: E402
 from rotary_gguf.gguf import open_index  # noqa: E402
 from rotary_gguf.profile import load_profile  # noqa: E402
-from rotary_gguf.simulate import simulate  # noqa: E402
+from rotary_gguf.simulate import simulate_policies  # noqa: E402
 from rotary_gguf.trace import lru_reference_hit_rate, read_trace  # noqa: E402
 
 ROTARY = str(Path(sys.executable).with_name("rotary"))
@@ -47,9 +47,14 @@ TRACE = ROOT / "benchmarks" / "traces" / "stdlib-moe.rtrc"
 HELD_OUT_PACKAGES = ("click", "numpy/lib")
 
 
-def held_out_text(out: Path) -> tuple[Path, list[str]]:
+def held_out_files() -> tuple[Path, list[Path]]:
+    """site-packages, and the held-out third-party sources in it (sorted)."""
     site = Path(next(p for p in sys.path if p.endswith("site-packages")))
-    files = sorted(f for pkg in HELD_OUT_PACKAGES for f in (site / pkg).glob("*.py"))
+    return site, sorted(f for pkg in HELD_OUT_PACKAGES for f in (site / pkg).glob("*.py"))
+
+
+def held_out_text(out: Path) -> tuple[Path, list[str]]:
+    site, files = held_out_files()
     out.write_text("\n\n".join(f.read_text(encoding="utf-8") for f in files))
     return out, [f.relative_to(site).as_posix() for f in files]
 
@@ -134,8 +139,7 @@ def routing() -> dict:
     for fraction in (8, 4, 2):
         slots = n // fraction
         row = {"lru_reference": lru_reference_hit_rate(trace, slots)}
-        for policy in ("lru", "lfu", "hybrid"):
-            row[policy] = simulate(trace, slots, policy, profile).hit_rate
+        row |= {r.policy: r.hit_rate for r in simulate_policies(trace, slots, ["lru", "lfu", "hybrid"], profile)}
         hit_rates[f"1/{fraction}"] = {k: round(v, 4) for k, v in row.items()}
         print(f"slots 1/{fraction} ({slots}): " + ", ".join(f"{k} {v:.1%}" for k, v in row.items()))
     return {"calibration": calibration.description, "decode_tokens": trace.decode_steps,
