@@ -202,7 +202,7 @@ int rotary_sched_layer_stats(rotary_sched_model * model, int layer, rotary_sched
         return -1;
     }
     const Layer & l = *found;
-    *out = { l.device_pairs, l.host_pairs, l.admissions, l.evictions, l.bytes_copied };
+    *out = { l.device_pairs, l.host_pairs, l.admissions, l.evictions, l.bytes_copied, l.prefetches };
     for (int e = 0; e < n_expert && e < l.n_expert; e++) {
         counts[e] = l.counts[e];
     }
@@ -216,18 +216,18 @@ void rotary_sched_stats(rotary_sched_model * model, rotary_sched_stats_t * out) 
              s.commits,         s.stalls,              d.syncs,              d.transfers,
              d.transfer_bytes,  d.off_thread_calls,    d.host_allocs,        s.copier.chunks(),
              s.copier.copy_bytes(), s.copier.copy_ns(), s.resident_bytes,    s.prompt_selections,
-             s.copier.staging_bytes() + s.device.staging_bytes() };
+             s.copier.staging_bytes() + s.device.staging_bytes(), s.prefetch_stall_ns };
 }
 
 void rotary_sched_reset_stats(rotary_sched_model * model) {
     Scheduler & s = *model->state;
-    s.graph_calls = s.split_matmuls = s.stall_ns = s.commits = s.stalls = 0;
+    s.graph_calls = s.split_matmuls = s.stall_ns = s.commits = s.stalls = s.prefetch_stall_ns = 0;
     s.resident_bytes = s.prompt_selections = 0;
     s.traffic.syncs = s.traffic.transfers = s.traffic.transfer_bytes = s.traffic.off_thread_calls = 0;
     s.copier.reset_stats();
     for (auto & entry : s.layers) {
         entry.second.device_pairs = entry.second.host_pairs = 0;
-        entry.second.admissions = entry.second.evictions = entry.second.bytes_copied = 0;
+        entry.second.admissions = entry.second.evictions = entry.second.bytes_copied = entry.second.prefetches = 0;
         std::fill(entry.second.counts.begin(), entry.second.counts.end(), 0);
     }
 }
@@ -235,28 +235,36 @@ void rotary_sched_reset_stats(rotary_sched_model * model) {
 void rotary_sched_set_recording(rotary_sched_model * model, int on) {
     Scheduler & s = *model->state;
     s.recording = on != 0;
+    s.recording_predictions = (on & ROTARY_RECORD_PREDICTIONS) != 0;
     for (auto & entry : s.layers) {
         entry.second.routing.clear();
+        entry.second.predicted.clear();
     }
+}
+
+static int64_t take(std::vector<int32_t> & record, int32_t * out, int64_t capacity) {
+    if (!out) {
+        return (int64_t) record.size();
+    }
+    const int64_t n = std::min<int64_t>(capacity, (int64_t) record.size());
+    std::copy(record.begin(), record.begin() + n, out);
+    record.erase(record.begin(), record.begin() + n);
+    return n;
 }
 
 int64_t rotary_sched_take_routing(rotary_sched_model * model, int layer, int32_t * out, int64_t capacity) {
     Layer * found = model->state->find_layer(layer);
-    if (!found) {
-        return -1;
-    }
-    std::vector<int32_t> & routing = found->routing;
-    if (!out) {
-        return (int64_t) routing.size();
-    }
-    const int64_t n = std::min<int64_t>(capacity, (int64_t) routing.size());
-    std::copy(routing.begin(), routing.begin() + n, out);
-    routing.erase(routing.begin(), routing.begin() + n);
-    return n;
+    return found ? take(found->routing, out, capacity) : -1;
 }
 
-int rotary_sched_admit(rotary_sched_model * model, int layer, const int32_t * experts, const int32_t * slots, int n) {
-    Scheduler & s = *model->state;
+int64_t rotary_sched_take_predictions(rotary_sched_model * model, int layer, int32_t * out, int64_t capacity) {
+    Layer * found = model->state->find_layer(layer);
+    return found ? take(found->predicted, out, capacity) : -1;
+}
+
+// Admissions (rotation, landing at the next commit) and prefetches (urgent, landing before their layer
+// computes): each slot's previous expert leaves the table now, before the copy overwrites it.
+static int start_copies(Scheduler & s, int layer, const int32_t * experts, const int32_t * slots, int n, bool prefetch) {
     Layer * found = s.find_layer(layer);
     if (!found) {
         return -1;
@@ -264,26 +272,37 @@ int rotary_sched_admit(rotary_sched_model * model, int layer, const int32_t * ex
     Layer & l = *found;
     for (int k = 0; k < n; k++) {
         const int32_t e = experts[k], slot = slots[k];
-        const bool pending = std::any_of(s.pending.begin(), s.pending.end(), [&](const CopyJob & job) {
+        const auto copying = [&](const CopyJob & job) {
             return job.layer == layer && (job.slot == slot || job.expert == e);
-        });
-        if (e < 0 || e >= l.n_expert || slot < 0 || slot >= (int) l.expert_in_slot.size() || pending
+        };
+        const bool busy = std::any_of(s.pending.begin(), s.pending.end(), copying)
+                          || std::any_of(s.prefetching.begin(), s.prefetching.end(), copying);
+        if (e < 0 || e >= l.n_expert || slot < 0 || slot >= (int) l.expert_in_slot.size() || busy
             || l.slot_of_expert[e] >= 0) {
-            return fail("layer " + std::to_string(layer) + ": cannot admit expert " + std::to_string(e) + " into slot "
+            return fail("layer " + std::to_string(layer) + ": cannot copy expert " + std::to_string(e) + " into slot "
                         + std::to_string(slot) + " (out of range, resident, or already being copied)");
         }
-        if (l.expert_in_slot[slot] >= 0) {  // evict: out of the table now, before the copy overwrites it
+        if (l.expert_in_slot[slot] >= 0) {
             l.slot_of_expert[l.expert_in_slot[slot]] = -1;
             l.expert_in_slot[slot] = -1;
             l.n_resident--;
             l.evictions++;
         }
-        l.admissions++;
+        (prefetch ? l.prefetches : l.admissions)++;
         l.bytes_copied += l.slot_bytes;
-        s.pending.push_back({ layer, e, slot });
-        s.copy_expert(l, e, slot);
+        (prefetch ? s.prefetching : s.pending).push_back({ layer, e, slot });
+        s.copy_expert(l, e, slot, prefetch);
     }
     return n;
+}
+
+int rotary_sched_admit(rotary_sched_model * model, int layer, const int32_t * experts, const int32_t * slots, int n) {
+    return start_copies(*model->state, layer, experts, slots, n, false);
+}
+
+int rotary_sched_prefetch(rotary_sched_model * model, int layer, const int32_t * experts, const int32_t * slots,
+                          int n) {
+    return start_copies(*model->state, layer, experts, slots, n, true);
 }
 
 void rotary_sched_commit(rotary_sched_model * model) {
@@ -330,4 +349,45 @@ int64_t rotary_sched_read_slot(rotary_sched_model * model, int layer, int slot, 
         done += (int64_t) t.expert_bytes;
     }
     return done;
+}
+
+int rotary_sched_set_router(rotary_sched_model * model, int layer, const rotary_sched_router_t * router) {
+    Layer * found = model->state->find_layer(layer);
+    if (!found) {
+        return -1;
+    }
+    Layer & l = *found;
+    const rotary_sched_router_t & r = *router;
+    if (r.n_expert != l.n_expert || r.n_embd <= 0 || r.n_used <= 0 || r.n_used > r.n_expert || !r.weight
+        || r.gating < ROTARY_GATING_SOFTMAX || r.gating > ROTARY_GATING_SQRT_SOFTPLUS) {
+        return fail("layer " + std::to_string(layer) + ": a router of " + std::to_string(r.n_expert) + " experts (the "
+                    + "layer has " + std::to_string(l.n_expert) + "), width " + std::to_string(r.n_embd) + ", "
+                    + std::to_string(r.n_used) + " used, gating " + std::to_string(r.gating));
+    }
+    Router & out = l.router;
+    out.n_embd = r.n_embd;
+    out.n_expert = r.n_expert;
+    out.n_used = r.n_used;
+    out.gating = r.gating;
+    out.weight.assign(r.weight, r.weight + (size_t) r.n_expert * r.n_embd);
+    const auto copy = [](std::vector<float> & v, const float * from, size_t n) {
+        from ? v.assign(from, from + n) : v.clear();
+    };
+    copy(out.logit_bias, r.logit_bias, r.n_expert);
+    copy(out.select_bias, r.select_bias, r.n_expert);
+    copy(out.input_scale, r.input_scale, r.n_embd);
+    return 0;
+}
+
+int rotary_sched_predict(rotary_sched_model * model, int layer, const float * x, int32_t * out) {
+    Scheduler & s = *model->state;
+    Layer * found = s.find_layer(layer);
+    if (!found) {
+        return -1;
+    }
+    if (!found->router.configured()) {
+        return fail("layer " + std::to_string(layer) + " has no router");
+    }
+    found->router.predict(x, out, s.predict_scratch);
+    return found->router.n_used;
 }

@@ -21,7 +21,7 @@
 #ifndef ROTARY_LLAMA_CPP_PYTHON_VERSION
 #error "ROTARY_LLAMA_CPP_PYTHON_VERSION must name the llama-cpp-python version the headers come from"
 #endif
-#define ROTARY_SCHED_ABI 5
+#define ROTARY_SCHED_ABI 6
 #define ROTARY_STR_(x) #x
 #define ROTARY_STR(x) ROTARY_STR_(x)
 
@@ -164,9 +164,15 @@ static ggml_status graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
         if (index < 0) {
             continue;
         }
-        Layer & layer = s.layers.at(s.tensors[index].layer);
+        const int layer_id = s.tensors[index].layer;
+        Layer & layer = s.layers.at(layer_id);
+        s.land_prefetched();  // experts predicted for this layer, before it counts or computes
         if (!layer.replay.empty() && layer.replay_call != s.compute_serial) {
             s.replay(node->src[2], layer);
+        }
+        if (layer.predict_call != s.compute_serial) {  // the layer's first expert matmul: its input is x
+            layer.predict_call = s.compute_serial;
+            s.predict_next(layer_id, node->src[1], node->src[2]);
         }
         const int end = layer.n_resident ? expert_ffn_end(s, graph, i) : -1;
         ggml_tensor * down = end >= 0 ? graph->nodes[end] : node;

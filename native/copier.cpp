@@ -76,12 +76,17 @@ bool Copier::reserve(ggml_backend_buffer_type_t staging_type) {
     return ring_.ensure(kChunkBytes * kChunks, staging_type, counters_);
 }
 
-void Copier::submit(ggml_tensor * slots, const uint8_t * source, size_t offset, size_t bytes) {
+void Copier::submit(ggml_tensor * slots, const uint8_t * source, size_t offset, size_t bytes, bool urgent) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
+        std::vector<Task> tasks;
         for (size_t done = 0; done < bytes; done += kChunkBytes) {
-            queue_.push_back({ slots, source + done, offset + done, std::min(kChunkBytes, bytes - done) });
+            tasks.push_back({ slots, source + done, offset + done, std::min(kChunkBytes, bytes - done), urgent });
         }
+        // Urgent tasks go behind the urgent ones still waiting, ahead of every other task not yet started.
+        const size_t at = urgent ? next_task_ + urgent_queued_ : queue_.size();
+        queue_.insert(queue_.begin() + at, tasks.begin(), tasks.end());
+        urgent_queued_ += urgent ? tasks.size() : 0;
     }
     wake_.notify_all();
 }
@@ -102,7 +107,9 @@ void Copier::run() {
             return;
         }
         const Task task = queue_[next_task_++];
+        urgent_queued_ -= task.urgent ? 1 : 0;
         filling_ = true;
+        filling_urgent_ = task.urgent;
         lock.unlock();
         const uint64_t started = now_ns();
         std::memcpy(ring_.data + (size_t) free_chunk * kChunkBytes, task.source, task.bytes);
@@ -110,8 +117,8 @@ void Copier::run() {
         copy_bytes_ += task.bytes;
         chunks_++;
         lock.lock();
-        chunk_[free_chunk] = { kFilled, task.slots, task.offset, task.bytes };
-        filling_ = false;
+        chunk_[free_chunk] = { kFilled, task.slots, task.offset, task.bytes, task.urgent };
+        filling_ = filling_urgent_ = false;
         if (next_task_ == queue_.size()) {
             queue_.clear();
             next_task_ = 0;
@@ -157,6 +164,7 @@ void Copier::pump(bool wait_landed) {
             const bool was_filled = filled[c] >= 0;
             if (wait && (was_filled || issued[c] >= 0)) {
                 chunk_[c].state = kFree;
+                chunk_[c].urgent = false;
             } else if (was_filled) {
                 chunk_[c].state = kIssued;
             }
@@ -188,6 +196,39 @@ uint64_t Copier::drain(bool * stalled) {
                 }
             }
             return !filling_ && next_task_ >= queue_.size();
+        });
+    }
+    return now_ns() - started;
+}
+
+bool Copier::urgent_left() const {
+    if (filling_urgent_ || urgent_queued_) {
+        return true;
+    }
+    for (const Chunk & chunk : chunk_) {
+        if (chunk.urgent && chunk.state != kFree) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// Like drain, for the urgent tasks only (the other chunks already filled land with them).
+uint64_t Copier::drain_urgent() {
+    const uint64_t started = now_ns();
+    while (true) {
+        pump(true);
+        std::unique_lock<std::mutex> lock(mutex_);
+        if (!urgent_left()) {
+            break;
+        }
+        filled_.wait(lock, [this] {
+            for (const Chunk & chunk : chunk_) {
+                if (chunk.state == kFilled && chunk.urgent) {
+                    return true;
+                }
+            }
+            return !filling_urgent_ && !urgent_queued_;
         });
     }
     return now_ns() - started;

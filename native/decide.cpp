@@ -94,6 +94,14 @@ struct rotary_decide {
     std::vector<Candidate> candidates;
     std::vector<int32_t> recorded;
     std::vector<int64_t> recorded_counts;
+    // Prefetch (rotary_decide_prefetch_t): this token's predictions and prefetches per row ([rows x width]).
+    bool prefetch_on = false, decoding = false;
+    rotary_decide_prefetch_t prefetch_params{};
+    int64_t budget_now = -1;        // the last after_token's budget (< 0: none)
+    uint64_t prefetched_bytes = 0;  // this token
+    std::vector<double> recall;
+    std::vector<int32_t> predicted_ids, prefetched_ids;
+    std::vector<int> predicted_n, prefetched_n;
 
     bool prior() const { return policy.request_weight != 0 || policy.calibration_weight != 0; }
     bool frequency() const { return policy.kind == ROTARY_DECIDE_FREQUENCY; }
@@ -219,6 +227,10 @@ struct rotary_decide {
             return -1;
         }
         commit();
+        decoding = true;
+        prefetched_bytes = 0;
+        std::fill(predicted_n.begin(), predicted_n.end(), 0);
+        std::fill(prefetched_n.begin(), prefetched_n.end(), 0);
         int64_t offset = 0;
         for (int r = 0; r < rows; r++) {
             const rotary_decide_layer_t & l = layers[r];
@@ -355,7 +367,8 @@ struct rotary_decide {
             counter.admissions++;
             counter.bytes_copied += size;
         }
-        copied.push_back(total);
+        copied.push_back(total + prefetched_bytes);
+        prefetched_bytes = 0;
         return model ? send_pending() : (int) pending.size();
     }
 
@@ -384,6 +397,118 @@ struct rotary_decide {
         return (int) pending.size();
     }
 
+    // Bytes this token may still copy on predictions: the budget less the admissions still being copied
+    // (started after the previous token, landing during this one) and this token's prefetches.
+    int64_t prefetch_room() const {
+        if (budget_now < 0) {
+            return std::numeric_limits<int64_t>::max();
+        }
+        int64_t spent = (int64_t) prefetched_bytes;
+        for (const rotary_decide_copy_t & c : pending) {
+            spent += (int64_t) layers[row_of.at(c.layer)].slot_bytes;
+        }
+        return budget_now - spent;
+    }
+
+    bool incoming(int layer, int32_t e) const {
+        return std::any_of(pending.begin(), pending.end(),
+                           [&](const rotary_decide_copy_t & c) { return c.layer == layer && c.expert == e; });
+    }
+
+    int prefetch(int r, const int32_t * ids, int n) {
+        const rotary_decide_layer_t & l = layers[r];
+        if (n < 0 || n > l.n_expert) {
+            return fail("layer " + std::to_string(l.layer) + ": a prediction of " + std::to_string(n) + " experts");
+        }
+        for (int i = 0; i < n; i++) {
+            if (ids[i] < 0 || ids[i] >= l.n_expert) {
+                return fail("layer " + std::to_string(l.layer) + ": expert " + std::to_string(ids[i])
+                            + " predicted, the layer has " + std::to_string(l.n_expert));
+            }
+        }
+        if (!prefetch_on || !decoding) {
+            return 0;
+        }
+        std::copy_n(ids, n, &predicted_ids[(size_t) r * width]);
+        predicted_n[r] = n;
+        if (l.n_slots == 0 || recall[r] < prefetch_params.min_recall) {
+            return 0;
+        }
+        // The row's slots give way as to an admission, except those being copied or holding a predicted expert.
+        factor[r] = frequency() ? decay_to(step - decayed_to[r]) : 1.;
+        double * v = &victim_value[(size_t) r * depth];
+        for (int k = 0; k < depth; k++) {
+            const size_t at = (size_t) r * depth + k;
+            const int32_t e = expert_in[at];
+            const bool keep = busy[at] || (e >= 0 && std::find(ids, ids + n, e) != ids + n);
+            v[k] = keep ? kInf : e >= 0 ? value(r, e) : -kInf;
+        }
+        // An even share of what is left for this row and the rows after it (predictions come in layer order),
+        // so that the first layers do not take a tight budget whole.
+        int64_t room = prefetch_room() / std::max(1, rows - r);
+        std::vector<int32_t> experts, slots;
+        for (int i = 0; i < n; i++) {
+            const int32_t e = ids[i];
+            if (slot_of[(size_t) r * width + e] >= 0 || incoming(l.layer, e) || prefetched_n[r] >= width) {
+                continue;
+            }
+            const int slot = (int) (std::min_element(v, v + depth) - v);
+            if ((int64_t) l.slot_bytes > room || v[slot] == kInf) {
+                break;
+            }
+            const size_t at = (size_t) r * depth + slot;
+            const int32_t victim = expert_in[at];
+            rotary_decide_counters_t & counter = counters[r];
+            if (victim >= 0) {
+                slot_of[(size_t) r * width + victim] = -1;
+                counter.evictions++;
+            }
+            expert_in[at] = e;
+            slot_of[(size_t) r * width + e] = slot;
+            v[slot] = kInf;
+            room -= (int64_t) l.slot_bytes;
+            prefetched_bytes += l.slot_bytes;
+            counter.prefetches++;
+            counter.bytes_copied += l.slot_bytes;
+            prefetched_ids[(size_t) r * width + prefetched_n[r]++] = e;
+            experts.push_back(e);
+            slots.push_back(slot);
+        }
+        if (model && !experts.empty()
+            && rotary_sched_prefetch(model, l.layer, experts.data(), slots.data(), (int) experts.size()) < 0) {
+            return -1;
+        }
+        return (int) experts.size();
+    }
+
+    // A decoded token's routing against its predictions: recall, useful prefetches; then they are spent.
+    void score_predictions(const int32_t * ids, const int64_t * counts) {
+        int64_t offset = 0;
+        for (int r = 0; r < rows; r++) {
+            const int64_t n = std::max<int64_t>(0, counts[r]);
+            const int32_t * mine = ids + offset;
+            offset += n;
+            if (predicted_n[r] == 0 || n == 0) {
+                predicted_n[r] = prefetched_n[r] = 0;
+                continue;
+            }
+            const int32_t * predicted = &predicted_ids[(size_t) r * width];
+            const int32_t * prefetched = &prefetched_ids[(size_t) r * width];
+            uint64_t right = 0, useful = 0;
+            for (int64_t i = 0; i < n; i++) {
+                right += std::find(predicted, predicted + predicted_n[r], mine[i]) != predicted + predicted_n[r];
+                useful += std::find(prefetched, prefetched + prefetched_n[r], mine[i]) != prefetched + prefetched_n[r];
+            }
+            rotary_decide_counters_t & counter = counters[r];
+            counter.predicted += (uint64_t) n;
+            counter.predicted_right += right;
+            counter.prefetch_hits += useful;
+            const double decay = prefetch_params.recall_decay;
+            recall[r] = decay * recall[r] + (1 - decay) * ((double) right / (double) n);
+            predicted_n[r] = prefetched_n[r] = 0;
+        }
+    }
+
     int after_token(const int32_t * ids, const int64_t * counts, int64_t budget) {
         if (check_ids(ids, counts) < 0) {
             return -1;
@@ -400,6 +525,8 @@ struct rotary_decide {
             counters[r].misses += (uint64_t) n - hits;
             offset += n;
         }
+        score_predictions(ids, counts);
+        budget_now = budget;
         commit();
         offset = 0;
         for (int r = 0; r < rows; r++) {
@@ -409,7 +536,8 @@ struct rotary_decide {
             }
             offset += n;
         }
-        return admit(ids, counts, budget);
+        // The token's prefetches count against its budget: copied per token stays within it.
+        return admit(ids, counts, budget < 0 ? budget : std::max<int64_t>(0, budget - (int64_t) prefetched_bytes));
     }
 };
 
@@ -477,10 +605,16 @@ rotary_decide * rotary_decide_new(const rotary_decide_layer_t * layers, int n_la
     d->victims_ready.assign(rows, 0);
     d->mark.assign(cells, 0);
     d->recorded_counts.assign(rows, 0);
+    d->recall.assign(rows, 1.);
+    d->predicted_ids.assign(cells, 0);
+    d->prefetched_ids.assign(cells, 0);
+    d->predicted_n.assign(rows, 0);
+    d->prefetched_n.assign(rows, 0);
     return d.release();
 }
 
 void rotary_decide_free(rotary_decide * d) {
+    rotary_decide_bind(d, nullptr);
     delete d;
 }
 
@@ -498,8 +632,14 @@ int rotary_decide_set_prior(rotary_decide * d, int layer, const double * popular
 }
 
 void rotary_decide_bind(rotary_decide * d, rotary_sched_model * model) {
+    if (d->model && d->model->state->decide == d) {
+        d->model->state->decide = nullptr;
+    }
     d->bound.reset(model ? new rotary_sched_model{ model->state } : nullptr);
     d->model = d->bound.get();
+    if (d->model) {
+        d->model->state->decide = d;  // the plugin hands it the predictions it makes during a token
+    }
 }
 
 int rotary_decide_after_prompt(rotary_decide * d, const int32_t * ids, const int64_t * counts) {
@@ -598,3 +738,40 @@ int rotary_decide_values(rotary_decide * d, double * out, int64_t capacity) {
     }
     return 0;
 }
+
+int rotary_decide_set_prefetch(rotary_decide * d, const rotary_decide_prefetch_t * prefetch) {
+    if (prefetch && (!(prefetch->min_recall >= 0) || !(prefetch->min_recall <= 1) || !(prefetch->recall_decay >= 0)
+                     || !(prefetch->recall_decay < 1))) {
+        return fail("rotary_decide_set_prefetch: minimum recall " + std::to_string(prefetch->min_recall)
+                    + " and recall decay " + std::to_string(prefetch->recall_decay)
+                    + " (need recall in [0, 1], decay in [0, 1))");
+    }
+    d->prefetch_on = prefetch != nullptr;
+    if (prefetch) {
+        d->prefetch_params = *prefetch;
+    }
+    std::fill(d->recall.begin(), d->recall.end(), 1.);
+    return 0;
+}
+
+void rotary_decide_before_prompt(rotary_decide * d) {
+    d->decoding = false;
+}
+
+int rotary_decide_prefetch(rotary_decide * d, int layer, const int32_t * predicted, int n) {
+    const int r = row_of(d, layer);
+    return r < 0 ? -1 : d->prefetch(r, predicted, n);
+}
+
+double rotary_decide_recall(const rotary_decide * d, int layer) {
+    const auto it = d->row_of.find(layer);
+    return it == d->row_of.end() ? -1. : d->recall[it->second];
+}
+
+namespace rotary {
+
+bool decide_prefetching(const rotary_decide * d) {
+    return d->prefetch_on && d->decoding;
+}
+
+}  // namespace rotary

@@ -27,7 +27,8 @@ typedef struct rotary_sched_layer_stats_t {
     uint64_t host_pairs;    // pairs computed on the host
     uint64_t admissions;    // experts copied into a slot by rotation
     uint64_t evictions;     // ... that replaced a resident expert
-    uint64_t bytes_copied;
+    uint64_t bytes_copied;  // by rotation and prefetch
+    uint64_t prefetches;    // experts copied into a slot ahead of their layer, on a prediction
 } rotary_sched_layer_stats_t;
 
 // Per model, since the last reset_stats (device_bytes: held now).
@@ -49,6 +50,7 @@ typedef struct rotary_sched_stats_t {
     uint64_t resident_bytes; // copied by set_resident
     uint64_t prompt_selections;  // counted by the eval callback (batches the plugin did not claim)
     uint64_t staging_bytes;  // host staging held (pinned on a GPU)
+    uint64_t prefetch_stall_ns;  // nanoseconds layers waited for their prefetched experts' copies
 } rotary_sched_stats_t;
 
 // "rotary-sched <abi>; llama-cpp-python <version>; ggml backend API <n>": checked by Python at load.
@@ -92,11 +94,46 @@ ROTARY_API void rotary_sched_set_max_batch(rotary_sched_model * model, int n_tok
 ROTARY_API int rotary_sched_admit(rotary_sched_model * model, int layer, const int32_t * experts,
                                   const int32_t * slots, int n);
 ROTARY_API void rotary_sched_commit(rotary_sched_model * model);
+// Prefetch: as admit, but the copies go ahead of the rotation's and the experts enter the table before
+// their layer next computes (which waits for them). Called by the bound decisions during a token.
+ROTARY_API int rotary_sched_prefetch(rotary_sched_model * model, int layer, const int32_t * experts,
+                                     const int32_t * slots, int n);
+
+// Cross-layer prediction. A layer's router, as build_moe_ffn (llama-graph.cpp) applies it: scores =
+// gating(W (x * input_scale) + logit_bias) + select_bias, top n_used. In a single-token batch, at the first
+// expert matmul of each MoE layer, the plugin applies the next MoE layer's router to this layer's input:
+// the prediction is recorded (with routing) and handed to the bound decisions (rotary_decide_prefetch).
+enum {
+    ROTARY_GATING_SOFTMAX = 0,
+    ROTARY_GATING_SIGMOID = 1,
+    ROTARY_GATING_SOFTMAX_WEIGHT = 2,  // the logits themselves
+    ROTARY_GATING_SQRT_SOFTPLUS = 3,
+};
+
+typedef struct rotary_sched_router_t {
+    int64_t n_embd;
+    int32_t n_expert;
+    int32_t n_used;
+    int32_t gating;             // ROTARY_GATING_*
+    const float * weight;       // [n_expert][n_embd] (copied)
+    const float * logit_bias;   // [n_expert] or NULL
+    const float * select_bias;  // [n_expert] or NULL (exp_probs_b)
+    const float * input_scale;  // [n_embd] or NULL
+} rotary_sched_router_t;
+
+ROTARY_API int rotary_sched_set_router(rotary_sched_model * model, int layer, const rotary_sched_router_t * router);
+// The layer's router on input x (n_embd floats): writes n_used expert ids, best first; returns n_used.
+ROTARY_API int rotary_sched_predict(rotary_sched_model * model, int layer, const float * x, int32_t * out);
 
 // Routing record: while on, the ids of every MoE block are kept per layer (token-major, n_expert_used
-// per token) until taken. take with out == NULL returns how many are waiting.
+// per token) until taken; on | ROTARY_RECORD_PREDICTIONS keeps the plugin's predictions too (routers set).
+// take with out == NULL returns how many are waiting.
+enum { ROTARY_RECORD_PREDICTIONS = 2 };
 ROTARY_API void rotary_sched_set_recording(rotary_sched_model * model, int on);
 ROTARY_API int64_t rotary_sched_take_routing(rotary_sched_model * model, int layer, int32_t * out, int64_t capacity);
+// The predictions of this layer's experts made while recording (n_used per predicted token), as take_routing.
+ROTARY_API int64_t rotary_sched_take_predictions(rotary_sched_model * model, int layer, int32_t * out,
+                                                 int64_t capacity);
 
 // Benchmarks only: substitute these ids (token-major, cycled) for the router's in this layer; n = 0 stops.
 ROTARY_API int rotary_sched_set_replay(rotary_sched_model * model, int layer, const int32_t * ids, int64_t n);
@@ -163,9 +200,26 @@ typedef struct rotary_decide_counters_t {
     uint64_t hits;  // decoded (token, expert) selections served from a slot
     uint64_t misses;
     uint64_t admissions;
-    uint64_t evictions;
-    uint64_t bytes_copied;
+    uint64_t evictions;  // by admissions and prefetches
+    uint64_t bytes_copied;  // by admissions and prefetches
+    uint64_t prefetches;  // experts copied on a prediction, ahead of their layer
+    uint64_t prefetch_hits;  // ... that the token then selected
+    uint64_t predicted;  // decoded selections in tokens that had a prediction for the layer
+    uint64_t predicted_right;  // ... that the prediction named (recall = predicted_right / predicted)
 } rotary_decide_counters_t;
+
+// Cross-layer prefetch. During a decoded token, each prediction of a layer's experts (rotary_decide_prefetch:
+// from the plugin, or replayed from a trace) copies its experts that are neither resident nor being copied
+// into the layer's slots, best first, while the token's copy budget lasts: the budget of the last after_token
+// less the bytes still being copied for it, shared evenly by this layer and the layers after it (the
+// token's admissions then get what its prefetches left, so that neither the bytes copied per token nor
+// the bytes in flight during a token exceed the budget). Victims are the slots that would give way to an admission,
+// never a predicted expert's. Prefetched experts serve the same token. A layer's prediction recall (decayed
+// per predicted token, starting at 1) below min_recall switches its prefetch off until it recovers.
+typedef struct rotary_decide_prefetch_t {
+    double min_recall;    // in [0, 1]
+    double recall_decay;  // in [0, 1)
+} rotary_decide_prefetch_t;
 
 // A copy started by the last after_token (victim: the expert it evicted, -1 for an empty slot).
 typedef struct rotary_decide_copy_t {
@@ -198,6 +252,14 @@ ROTARY_API int rotary_decide_after_recorded_token(rotary_decide * d, int64_t bud
 // their slots, the others take the remaining slots in the order given.
 ROTARY_API int rotary_decide_set_resident(rotary_decide * d, int layer, const int32_t * experts, int n);
 ROTARY_API int rotary_decide_commit(rotary_decide * d);
+// Prefetch on with these parameters (NULL: off). Off by default.
+ROTARY_API int rotary_decide_set_prefetch(rotary_decide * d, const rotary_decide_prefetch_t * prefetch);
+// Predictions count only while decoding: from after_prompt until before_prompt.
+ROTARY_API void rotary_decide_before_prompt(rotary_decide * d);
+// A prediction of a layer's experts for the token being decoded (best first); returns the copies it started.
+ROTARY_API int rotary_decide_prefetch(rotary_decide * d, int layer, const int32_t * predicted, int n);
+// A layer's prediction recall now (the decayed average that switches its prefetch).
+ROTARY_API double rotary_decide_recall(const rotary_decide * d, int layer);
 
 // Tables, [rows x n_expert_max] and [rows x n_slots_max] (entries beyond a layer's own count unused),
 // owned by d and valid while it lives: slot_of[e] (-1: not resident), expert_in[slot] (-1: empty or being

@@ -300,12 +300,29 @@ ggml_backend_buffer_type_t Scheduler::staging_type() const {
 }
 
 // One expert's blocks of every tensor of the layer, from the file into the slot (landed at the next drain).
-void Scheduler::copy_expert(const Layer & layer, int32_t expert, int32_t slot) {
+void Scheduler::copy_expert(const Layer & layer, int32_t expert, int32_t slot, bool urgent) {
     for (int i : layer.tensors) {
         const ExpertTensor & t = tensors[i];
         const uint8_t * block = files[t.file].base + t.offset + (uint64_t) expert * t.expert_bytes;
-        copier.submit(t.slots, block, (size_t) slot * t.expert_bytes, t.expert_bytes);
+        copier.submit(t.slots, block, (size_t) slot * t.expert_bytes, t.expert_bytes, urgent);
     }
+}
+
+static void enter(Layer & layer, const CopyJob & job) {
+    layer.slot_of_expert[job.expert] = job.slot;
+    layer.expert_in_slot[job.slot] = job.expert;
+    layer.n_resident++;
+}
+
+void Scheduler::land_prefetched() {
+    if (prefetching.empty()) {
+        return;
+    }
+    prefetch_stall_ns += copier.drain_urgent();
+    for (const CopyJob & job : prefetching) {
+        enter(layers.at(job.layer), job);
+    }
+    prefetching.clear();
 }
 
 // Wait for the admitted experts' copies and put them in the slot tables.
@@ -315,13 +332,14 @@ void Scheduler::commit() {
     stall_ns += pending.empty() ? 0 : waited;
     stalls += stalled && !pending.empty() ? 1 : 0;
     for (const CopyJob & job : pending) {
-        Layer & layer = layers.at(job.layer);
-        layer.slot_of_expert[job.expert] = job.slot;
-        layer.expert_in_slot[job.slot] = job.expert;
-        layer.n_resident++;
+        enter(layers.at(job.layer), job);
+    }
+    for (const CopyJob & job : prefetching) {
+        enter(layers.at(job.layer), job);
     }
     commits += pending.empty() ? 0 : 1;
     pending.clear();
+    prefetching.clear();
 }
 
 // The context's thread count (llama.cpp sets it before every ubatch) for this state's CPU backends.

@@ -5,6 +5,7 @@
 #pragma once
 
 #include "ggml.h"
+#include "rotary_sched.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 
@@ -41,6 +42,21 @@ struct ExpertTensor {
     ggml_tensor * slots = nullptr;  // [ne0, ne1, n_slots] in the device's memory
 };
 
+// A layer's router (ffn_gate_inp and what the architecture adds to it), kept to predict the layer's experts
+// from the previous MoE layer's input (cross-layer prefetch; predict.cpp).
+struct Router {
+    int64_t n_embd = 0;
+    int n_expert = 0, n_used = 0;
+    int gating = 0;                 // ROTARY_GATING_*
+    std::vector<float> weight;      // [n_expert][n_embd]
+    std::vector<float> logit_bias;  // [n_expert] or empty
+    std::vector<float> select_bias; // [n_expert] or empty (exp_probs_b: added to the gated scores)
+    std::vector<float> input_scale; // [n_embd] or empty
+    bool configured() const { return !weight.empty(); }
+    // The n_used experts the router would select for input x, best first.
+    void predict(const float * x, int32_t * out, std::vector<float> & scratch) const;
+};
+
 struct Layer {
     int n_expert = 0;
     std::vector<int> tensors;             // indices into Scheduler::tensors
@@ -51,12 +67,15 @@ struct Layer {
     ggml_backend_buffer_t buffer = nullptr;
     std::vector<uint64_t> counts;         // selections per expert
     uint64_t device_pairs = 0, host_pairs = 0;
-    uint64_t admissions = 0, evictions = 0, bytes_copied = 0;
+    uint64_t admissions = 0, evictions = 0, bytes_copied = 0, prefetches = 0;
     uint64_t slot_bytes = 0;              // one expert of every tensor of the layer
     std::vector<int32_t> routing;         // ids seen since the last take (when recording)
     std::vector<int32_t> replay;          // ids substituted for the router's (bench only)
     size_t replay_cursor = 0;
     uint64_t replay_call = 0;             // the graph_compute call that last substituted
+    Router router;
+    std::vector<int32_t> predicted;       // predictions of this layer's experts since the last take (recording)
+    uint64_t predict_call = 0;            // the graph_compute call that last predicted the next layer
 
     void free_slots();  // the slot buffer and its tensors; every expert back to the host
 };
@@ -124,9 +143,11 @@ class Copier {
     void start(ggml_backend_t backend, DeviceCounters * counters);
     void stop();
     bool reserve(ggml_backend_buffer_type_t staging_type);  // the ring, once (compute thread)
-    void submit(ggml_tensor * slots, const uint8_t * source, size_t offset, size_t bytes);
+    // urgent: ahead of every task not yet started (a prefetch, needed within this token)
+    void submit(ggml_tensor * slots, const uint8_t * source, size_t offset, size_t bytes, bool urgent = false);
     void pump(bool wait_landed);  // compute thread: issue filled chunks; wait_landed: and wait for them
     uint64_t drain(bool * stalled);  // compute thread: until every submitted byte has landed; ns spent
+    uint64_t drain_urgent();      // compute thread: until every urgent byte has landed; ns spent
     size_t staging_bytes() const { return ring_.size; }
     uint64_t copy_ns() const { return copy_ns_; }
     uint64_t copy_bytes() const { return copy_bytes_; }
@@ -139,19 +160,22 @@ class Copier {
         ggml_tensor * slots;
         const uint8_t * source;
         size_t offset, bytes;
+        bool urgent;
     };
     struct Chunk {
         State state = kFree;
         ggml_tensor * slots = nullptr;
         size_t offset = 0, bytes = 0;
+        bool urgent = false;
     };
     void run();
+    bool urgent_left() const;  // under the mutex
     std::thread thread_;
     std::mutex mutex_;
     std::condition_variable wake_, filled_;
     std::vector<Task> queue_;
-    size_t next_task_ = 0;
-    bool filling_ = false, quit_ = false;
+    size_t next_task_ = 0, urgent_queued_ = 0;  // urgent tasks not yet started sit first from next_task_
+    bool filling_ = false, filling_urgent_ = false, quit_ = false;
     std::vector<Chunk> chunk_;
     HostBuffer ring_;
     ggml_backend_t backend_ = nullptr;
@@ -222,7 +246,12 @@ struct Scheduler {
     Copier copier;
     DeviceCounters traffic;
     std::vector<CopyJob> pending;  // admitted, copying: enter the slot table at the next commit
-    bool recording = false;
+    std::vector<CopyJob> prefetching;  // predicted, copying: enter the table before their layer computes
+    uint64_t prefetch_stall_ns = 0;    // time layers waited for their prefetched experts
+    rotary_decide * decide = nullptr;  // the decisions bound to this state (prefetch during a token)
+    std::vector<float> predict_scratch;
+    std::vector<int32_t> prediction;
+    bool recording = false, recording_predictions = false;
     uint64_t stall_ns = 0, commits = 0, stalls = 0;
     uint64_t prompt_selections = 0;
     uint64_t resident_bytes = 0;     // copied by set_resident (slots whose expert changed)  // counted by the eval callback, for batches the plugin does not claim
@@ -251,11 +280,16 @@ struct Scheduler {
     void count(const ggml_tensor * ids, Layer & layer);
     void replay(ggml_tensor * ids, Layer & layer);
     void commit();
-    void copy_expert(const Layer & layer, int32_t expert, int32_t slot);  // through the copier
+    void land_prefetched();  // wait for the prefetches' copies and put them in the slot tables
+    void predict_next(int layer, const ggml_tensor * input, const ggml_tensor * ids);
+    void copy_expert(const Layer & layer, int32_t expert, int32_t slot, bool urgent = false);  // through the copier
     ggml_backend_buffer_type_t staging_type() const;  // pinned host memory on a GPU, nullptr on the stand-in
     void set_threads(int n_threads);
     size_t device_bytes() const;
 };
+
+// decide.cpp: whether the bound decisions take predictions now (prefetch on, a request decoding).
+bool decide_prefetching(const rotary_decide * d);
 
 bool map_file(const std::string & path, MappedFile & file);
 void unmap_file(MappedFile & file);

@@ -22,9 +22,10 @@ import numpy as np
 from rotary_gguf import environment
 from rotary_gguf.errors import RotaryError
 from rotary_gguf.gguf import ModelIndex
+from rotary_gguf.router import Router
 
 LIBRARY_NAME = "librotary_sched.so"
-ABI = 5
+ABI = 6
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _model = ctypes.c_void_p  # rotary_sched_model *
@@ -38,21 +39,22 @@ class PluginError(RotaryError):
 
 class _LayerStats(ctypes.Structure):
     """typedef struct rotary_sched_layer_stats_t { uint64_t device_pairs, host_pairs, admissions, evictions,
-    bytes_copied; } rotary_sched_layer_stats_t;"""
+    bytes_copied, prefetches; } rotary_sched_layer_stats_t;"""
 
     _fields_ = [(name, ctypes.c_uint64) for name in
-                ("device_pairs", "host_pairs", "admissions", "evictions", "bytes_copied")]
+                ("device_pairs", "host_pairs", "admissions", "evictions", "bytes_copied", "prefetches")]
 
 
 _STATS_FIELDS = ("graph_calls", "split_matmuls", "device_bytes", "stall_ns", "commits", "stalls", "device_syncs",
                  "transfers", "transfer_bytes", "off_thread_calls", "host_allocs", "copy_chunks", "copy_bytes",
-                 "copy_ns", "resident_bytes", "prompt_selections", "staging_bytes")
+                 "copy_ns", "resident_bytes", "prompt_selections", "staging_bytes", "prefetch_stall_ns")
 
 
 class _Stats(ctypes.Structure):
     """typedef struct rotary_sched_stats_t { uint64_t graph_calls, split_matmuls, device_bytes, stall_ns,
     commits, stalls, device_syncs, transfers, transfer_bytes, off_thread_calls, host_allocs, copy_chunks,
-    copy_bytes, copy_ns, resident_bytes, prompt_selections, staging_bytes; } rotary_sched_stats_t;"""
+    copy_bytes, copy_ns, resident_bytes, prompt_selections, staging_bytes, prefetch_stall_ns; }
+    rotary_sched_stats_t;"""
 
     _fields_ = [(name, ctypes.c_uint64) for name in _STATS_FIELDS]
 
@@ -73,8 +75,26 @@ class _DecidePolicy(ctypes.Structure):
                 ("calibration_weight", ctypes.c_double), ("admit_margin", ctypes.c_double)]
 
 
-# typedef struct rotary_decide_counters_t { uint64_t hits, misses, admissions, evictions, bytes_copied; } ...;
-DECISION_COUNTERS = ("hits", "misses", "admissions", "evictions", "bytes_copied")
+class _Router(ctypes.Structure):
+    """typedef struct rotary_sched_router_t { int64_t n_embd; int32_t n_expert, n_used, gating;
+    const float * weight, * logit_bias, * select_bias, * input_scale; } rotary_sched_router_t;"""
+
+    _fields_ = [("n_embd", ctypes.c_int64), ("n_expert", ctypes.c_int32), ("n_used", ctypes.c_int32),
+                ("gating", ctypes.c_int32)] + [(name, ctypes.c_void_p) for name in
+                                               ("weight", "logit_bias", "select_bias", "input_scale")]
+
+
+class _DecidePrefetch(ctypes.Structure):
+    """typedef struct rotary_decide_prefetch_t { double min_recall, recall_decay; } rotary_decide_prefetch_t;"""
+
+    _fields_ = [("min_recall", ctypes.c_double), ("recall_decay", ctypes.c_double)]
+
+
+# typedef struct rotary_decide_counters_t { uint64_t hits, misses, admissions, evictions, bytes_copied,
+#     prefetches, prefetch_hits, predicted, predicted_right; } rotary_decide_counters_t;
+DECISION_COUNTERS = ("hits", "misses", "admissions", "evictions", "bytes_copied", "prefetches", "prefetch_hits",
+                     "predicted", "predicted_right")
+GATINGS = {"softmax": 0, "sigmoid": 1, "softmax_weight": 2, "sqrt_softplus": 3}  # ROTARY_GATING_*
 # typedef struct rotary_decide_copy_t { int32_t layer, expert, slot, victim; } rotary_decide_copy_t;
 _COPY = np.dtype([("layer", np.int32), ("expert", np.int32), ("slot", np.int32), ("victim", np.int32)])
 DECIDE_KINDS = {"recency": 0, "frequency": 1}  # ROTARY_DECIDE_RECENCY, ROTARY_DECIDE_FREQUENCY
@@ -123,8 +143,9 @@ class LayerStats:
     host_pairs: int  # ... computed on the CPU from host memory
     admissions: int  # experts copied into a slot by rotation
     evictions: int  # ... that replaced a resident expert
-    bytes_copied: int
+    bytes_copied: int  # by rotation and prefetch
     counts: tuple[int, ...]  # selections per expert
+    prefetches: int = 0  # experts copied ahead of their layer on a prediction
 
     @property
     def hit_rate(self) -> float:
@@ -153,6 +174,7 @@ class SchedulerStats:
     resident_bytes: int = 0  # copied by set_resident
     prompt_selections: int = 0  # counted by the eval callback (batches the plugin did not claim)
     staging_bytes: int = 0  # host staging held (pinned on a GPU)
+    prefetch_stall_ns: int = 0  # nanoseconds layers waited for their prefetched experts
 
     @property
     def copy_gbs(self) -> float | None:
@@ -195,6 +217,16 @@ _DECLARATIONS = (
     ("rotary_sched_admit", ctypes.c_int, [_model, ctypes.c_int, _i32p, _i32p, ctypes.c_int]),
     # void rotary_sched_commit(rotary_sched_model * model);
     ("rotary_sched_commit", None, [_model]),
+    # int rotary_sched_prefetch(rotary_sched_model * model, int layer, const int32_t * experts,
+    #                           const int32_t * slots, int n);
+    ("rotary_sched_prefetch", ctypes.c_int, [_model, ctypes.c_int, _i32p, _i32p, ctypes.c_int]),
+    # int rotary_sched_set_router(rotary_sched_model * model, int layer, const rotary_sched_router_t * router);
+    ("rotary_sched_set_router", ctypes.c_int, [_model, ctypes.c_int, ctypes.POINTER(_Router)]),
+    # int rotary_sched_predict(rotary_sched_model * model, int layer, const float * x, int32_t * out);
+    ("rotary_sched_predict", ctypes.c_int, [_model, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]),
+    # int64_t rotary_sched_take_predictions(rotary_sched_model * model, int layer, int32_t * out,
+    #                                       int64_t capacity);
+    ("rotary_sched_take_predictions", ctypes.c_int64, [_model, ctypes.c_int, _i32p, ctypes.c_int64]),
     # void rotary_sched_set_recording(rotary_sched_model * model, int on);
     ("rotary_sched_set_recording", None, [_model, ctypes.c_int]),
     # int64_t rotary_sched_take_routing(rotary_sched_model * model, int layer, int32_t * out, int64_t capacity);
@@ -239,6 +271,14 @@ _DECLARATIONS = (
     ("rotary_decide_set_resident", ctypes.c_int, [_decide, ctypes.c_int, _i32p, ctypes.c_int]),
     # int rotary_decide_commit(rotary_decide * d);
     ("rotary_decide_commit", ctypes.c_int, [_decide]),
+    # int rotary_decide_set_prefetch(rotary_decide * d, const rotary_decide_prefetch_t * prefetch);
+    ("rotary_decide_set_prefetch", ctypes.c_int, [_decide, ctypes.POINTER(_DecidePrefetch)]),
+    # void rotary_decide_before_prompt(rotary_decide * d);
+    ("rotary_decide_before_prompt", None, [_decide]),
+    # int rotary_decide_prefetch(rotary_decide * d, int layer, const int32_t * predicted, int n);
+    ("rotary_decide_prefetch", ctypes.c_int, [_decide, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]),
+    # double rotary_decide_recall(const rotary_decide * d, int layer);
+    ("rotary_decide_recall", ctypes.c_double, [_decide, ctypes.c_int]),
     # void rotary_decide_shape(const rotary_decide * d, int * rows, int * n_expert_max, int * n_slots_max);
     ("rotary_decide_shape", None, [_decide] + [ctypes.POINTER(ctypes.c_int)] * 3),
     # int32_t * rotary_decide_slot_of(rotary_decide * d);
@@ -401,6 +441,22 @@ class Decisions:
     def set_resident(self, layer: int, experts: list[int]) -> None:
         self._check(self._lib.rotary_decide_set_resident(self._handle, layer, _int32s(experts), len(experts)))
 
+    def set_prefetch(self, min_recall: float | None, recall_decay: float = 0.0) -> None:
+        """Cross-layer prefetch on (None: off), switched off per layer while its recall is below min_recall."""
+        params = None if min_recall is None else ctypes.byref(_DecidePrefetch(min_recall, recall_decay))
+        self._check(self._lib.rotary_decide_set_prefetch(self._handle, params))
+
+    def before_prompt(self) -> None:
+        self._lib.rotary_decide_before_prompt(self._handle)
+
+    def prefetch(self, layer: int, predicted: np.ndarray) -> int:
+        """A prediction of the layer's experts for the token being decoded; returns the copies started."""
+        ids = np.ascontiguousarray(predicted, dtype=np.int32)
+        return self._check(self._lib.rotary_decide_prefetch(self._handle, layer, ids.ctypes.data, len(ids)))
+
+    def recall(self, layer: int) -> float:
+        return self._lib.rotary_decide_recall(self._handle, layer)
+
     def commit(self) -> None:
         self._check(self._lib.rotary_decide_commit(self._handle))
 
@@ -490,6 +546,7 @@ class ModelScheduler:
         self._plugin, self._handle = plugin, handle
         self._n_expert: dict[int, int] = {}
         self._decisions: weakref.WeakSet[Decisions] = weakref.WeakSet()  # bound to this state
+        self.routers: dict[int, Router] = {}  # set for cross-layer prediction
         self.max_batch = 0  # prompt batches of more tokens are left to llama.cpp (<= 0: none are)
 
     def __enter__(self) -> ModelScheduler:
@@ -550,14 +607,39 @@ class ModelScheduler:
         """Wait for running copies and put their experts in the slot tables."""
         self._call("commit")
 
-    def set_recording(self, on: bool) -> None:
-        self._call("set_recording", int(on))
+    def set_recording(self, on: bool, predictions: bool = False) -> None:
+        """Keep every step's routing until taken; predictions: the plugin's predictions too."""
+        self._call("set_recording", int(on) | (2 if on and predictions else 0))  # ROTARY_RECORD_PREDICTIONS
 
     def take_routing(self, layer: int) -> np.ndarray:
         """The expert ids the layer saw since the last take (token-major), while recording."""
         n = self._call("take_routing", layer, None, 0)
         out = np.empty(n, dtype=np.int32)
         self._call("take_routing", layer, out.ctypes.data_as(_i32p), n)
+        return out
+
+    def take_predictions(self, layer: int) -> np.ndarray:
+        """The plugin's predictions of the layer's experts since the last take (n_used per predicted token)."""
+        n = self._call("take_predictions", layer, None, 0)
+        out = np.empty(n, dtype=np.int32)
+        self._call("take_predictions", layer, out.ctypes.data_as(_i32p), n)
+        return out
+
+    def set_router(self, layer: int, router: Router) -> None:
+        """The layer's router, for the plugin to predict the layer's experts one MoE layer ahead."""
+        arrays = [np.ascontiguousarray(a, dtype=np.float32) if a is not None else None
+                  for a in (router.weight, router.logit_bias, router.select_bias, router.input_scale)]
+        pointers = [a.ctypes.data if a is not None else None for a in arrays]
+        n_expert, n_embd = arrays[0].shape
+        native = _Router(n_embd, n_expert, router.n_used, GATINGS[router.gating], *pointers)
+        self._call("set_router", layer, ctypes.byref(native))
+        self.routers[layer] = router
+
+    def predict(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The layer's router applied to x natively (the plugin's own prediction, for tests)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.zeros(self.routers[layer].n_used, np.int32)
+        self._call("predict", layer, x.ctypes.data, out.ctypes.data)
         return out
 
     def set_replay(self, layer: int, ids: np.ndarray) -> None:
@@ -570,7 +652,7 @@ class ModelScheduler:
         out, counts = _LayerStats(), (ctypes.c_uint64 * n_expert)()
         self._call("layer_stats", layer, ctypes.byref(out), counts, n_expert)
         return LayerStats(layer, out.device_pairs, out.host_pairs, out.admissions, out.evictions, out.bytes_copied,
-                          tuple(counts))
+                          tuple(counts), out.prefetches)
 
     def stats(self) -> SchedulerStats:
         """The model's counters: graph_compute calls, split expert matmuls, device bytes held, nanoseconds

@@ -11,7 +11,12 @@ parameters (the engine has no defaults of its own):
   them: a copy stall if they have not landed), the policy learns the token's routing, and the token's
   misses are admitted in priority order while the per-token copy budget lasts, each evicting the
   resident the policy values least. A slot being copied is out of the table until its commit, so an
-  admitted expert serves reads from the second token after its miss.
+  admitted expert serves reads from the second token after its miss;
+- with cross-layer prefetch, during a decoded token each MoE layer's experts are predicted one layer
+  ahead (the next router on this layer's input) and the predicted experts not resident are copied into
+  slots at once, ahead of the rotation's copies, within what the copy budget leaves: a right prediction
+  serves the same token. A layer whose prediction recall falls below PREFETCH_MIN_RECALL stops
+  prefetching until it recovers (its predictions are still scored).
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ DEFAULT_POLICY = "hybrid"
 LFU_DECAY = 0.9  # per decoded token
 HYBRID_PRIOR_WEIGHT = 0.25  # of the steady-state mean LFU score
 ADMIT_MARGIN = 1.0  # decayed selections a newcomer must be worth beyond the resident it replaces
+# Chosen with `rotary simulate --prefetch` on the shipped model's recorded traces (docs/rotation.md,
+# "Cross-layer prefetch").
+PREFETCH_MIN_RECALL = 0.6  # a layer prefetches while its decayed prediction recall is at least this
+PREFETCH_RECALL_DECAY = 0.9  # per predicted token
 
 
 class RotationError(RotaryError):
@@ -124,8 +133,9 @@ class Rotator:
     `expert_in[layer]`, `busy[layer]` and `counters[layer]` are views of the native tables."""
 
     def __init__(self, layers: dict[int, LayerShape], policy: Policy,
-                 budget: Callable[[], int | None] = lambda: None, model: ModelScheduler | None = None) -> None:
-        self.layers, self.policy, self.budget = layers, policy, budget
+                 budget: Callable[[], int | None] = lambda: None, model: ModelScheduler | None = None,
+                 prefetch: bool = False) -> None:
+        self.layers, self.policy, self.budget, self.prefetching = layers, policy, budget, prefetch
         self._order = sorted(layers)
         self.row = {layer: i for i, layer in enumerate(self._order)}
         shapes = [(layer, s.n_expert, s.n_used, s.n_slots, s.slot_bytes) for layer, s in sorted(layers.items())]
@@ -135,6 +145,8 @@ class Rotator:
             for layer, popularity in (policy.prior or {}).items():
                 if layer in layers:
                     self.native.set_prior(layer, popularity)
+            if prefetch:
+                self.native.set_prefetch(PREFETCH_MIN_RECALL, PREFETCH_RECALL_DECAY)
         except PluginError as exc:
             raise RotationError(f"rotation decisions: {exc}") from None
         n = self.native
@@ -192,6 +204,19 @@ class Rotator:
                 chosen = [int(e) for e in np.argsort(-np.asarray(popularity[layer]), kind="stable")[: shape.n_slots]]
                 self.set_resident(layer, chosen)
 
+    def before_prompt(self) -> None:
+        """A prompt follows: predictions made during it are ignored (decoding resumes at after_prompt)."""
+        self.native.before_prompt()
+
+    def prefetch(self, layer: int, predicted: np.ndarray) -> int:
+        """During a decoded token: a prediction of the layer's experts (best first); copies the predicted
+        experts that are not resident while the budget lasts. Returns how many copies it started."""
+        return int(self._call(self.native.prefetch, layer, predicted))
+
+    def recall(self, layer: int) -> float:
+        """The layer's decayed prediction recall, which switches its prefetch (1 before any prediction)."""
+        return self.native.recall(layer)
+
     def after_token(self, routing: dict[int, np.ndarray]) -> None:
         """Count the token's hits, commit the previous token's copies, admit this token's misses."""
         self._call(self.native.after_token, *self.routing_arrays(routing), self.budget())
@@ -241,7 +266,7 @@ class Rotation:
 
     def __init__(self, plugin, layers: dict[int, LayerShape], policy: str = DEFAULT_POLICY, *,
                  pcie_gbs: float = 0.0, budget_bytes: int | None = None, prior: dict[int, np.ndarray] | None = None,
-                 rotate: bool = True, trace=None, replay=None,
+                 rotate: bool = True, prefetch: bool = False, trace=None, replay=None,
                  observer: Callable[[str, dict[int, np.ndarray]], None] | None = None) -> None:
         self.plugin, self.layers, self.trace, self.rotate, self.replay = plugin, layers, trace, rotate, replay
         self.observer = observer  # sees every step's routing ("prompt" or "decode")
@@ -252,8 +277,9 @@ class Rotation:
         self.copy_gbs: float | None = None  # the copier's measured rate, once it has copied
         self.token_seconds: float | None = None
         self._last = 0.0
-        self.rotator = Rotator(layers, make_policy(policy, layers, prior), self.budget, plugin)
-        plugin.set_recording(self.recording)
+        self.rotator = Rotator(layers, make_policy(policy, layers, prior), self.budget, plugin,
+                               prefetch=prefetch and rotate)
+        plugin.set_recording(self.recording, predictions=bool(trace))
         if replay is not None:
             for layer, ids in replay_ids(replay, layers).items():
                 plugin.set_replay(layer, ids)
@@ -285,11 +311,12 @@ class Rotation:
         """From now on, observer(phase, routing) sees every step's routing ("prompt" or "decode")."""
         self.observer = observer
         self.recording = True
-        self.plugin.set_recording(True)
+        self.plugin.set_recording(True, predictions=bool(self.trace))
 
     def _record(self, phase: str, routing: dict[int, np.ndarray]) -> None:
         if self.trace:
-            self.trace.write_step(phase, routing)
+            predicted = {layer: self.plugin.take_predictions(layer) for layer in self.layers}
+            self.trace.write_step(phase, routing, predicted)
         if self.observer:
             self.observer(phase, routing)
 
@@ -299,6 +326,9 @@ class Rotation:
     def before_prompt(self) -> None:
         self.plugin.commit()
         self._take()  # routing of anything evaluated outside a request
+        for layer in self.layers if self.trace else ():
+            self.plugin.take_predictions(layer)
+        self.rotator.before_prompt()
         self.plugin.reset_stats()
 
     def after_prompt(self) -> None:

@@ -8,7 +8,10 @@ concurrently, and the copies must fit the PCIe link in the same time.
 
 The yardstick beside the policies is the offline optimum on the same trace and slots (no copy budget):
 Belady's MIN with immediate admission, and Belady's rule under the runtime's admission delay (see
-`offline_optimum`).
+`offline_optimum`). A trace recorded with the plugin's cross-layer predictions (format version 2) also
+replays them: before each decoded token's routing, each layer's prediction goes to the Rotator's prefetch
+in layer order, as the plugin hands them over during the token. Prefetch can beat the delayed optimum,
+which only knows history-driven admissions.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ class SimulationResult:
     static_hit_rate: float  # the same slots seeded from each prompt, never rotated
     optimal_hit_rate: float = 0.0  # OfflineOptimum.hit_rate
     optimal_delayed_hit_rate: float = 0.0  # OfflineOptimum.delayed_hit_rate
+    prefetch: bool = False  # the trace's predictions replayed (cross-layer prefetch)
+    prediction_recall: float = 0.0  # selections the predictions named, of those in predicted tokens
+    prefetches_per_token: float = 0.0  # experts copied on a prediction per decoded token
+    prefetch_precision: float = 0.0  # prefetched experts the token then selected, of those prefetched
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy}+prefetch" if self.prefetch else self.policy
 
     @property
     def share_of_optimal(self) -> float:
@@ -52,7 +63,10 @@ class SimulationResult:
                 "static_hit_rate": round(self.static_hit_rate, 4),
                 "optimal_hit_rate": round(self.optimal_hit_rate, 4),
                 "optimal_delayed_hit_rate": round(self.optimal_delayed_hit_rate, 4),
-                "share_of_optimal": round(self.share_of_optimal, 4)}
+                "share_of_optimal": round(self.share_of_optimal, 4), "prefetch": self.prefetch,
+                "prediction_recall": round(self.prediction_recall, 4),
+                "prefetches_per_token": round(self.prefetches_per_token, 3),
+                "prefetch_precision": round(self.prefetch_precision, 4)}
 
 
 def slots_for_vram(trace: Trace, vram_bytes: int) -> int:
@@ -172,17 +186,21 @@ def _belady(counts: np.ndarray, serving: np.ndarray, pending: np.ndarray, n: int
 
 
 def _run(trace: Trace, slots: int, policy: str, budget: int | None, rotate: bool,
-         prior: dict[int, np.ndarray] | None) -> Rotator:
+         prior: dict[int, np.ndarray] | None, prefetch: bool = False) -> Rotator:
     h = trace.header
     layers = {layer: LayerShape(h.n_expert, h.n_expert_used, min(slots, h.n_expert), h.slot_bytes.get(layer, 0))
               for layer in h.layers}
-    rotator = Rotator(layers, make_policy(policy, layers, prior), lambda: budget)
+    rotator = Rotator(layers, make_policy(policy, layers, prior), lambda: budget, prefetch=prefetch and rotate)
     if prior:  # the runtime seeds a calibrated model's slots at load (Rotation.seed_from_popularity)
         rotator.seed(prior)
-    for phase, routing in trace.steps:
+    for i, (phase, routing) in enumerate(trace.steps):
         if phase == "prompt":
+            rotator.before_prompt()
             rotator.after_prompt(routing)
         elif rotate:
+            for layer, predicted in sorted(trace.predicted(i).items()) if prefetch else ():
+                if predicted.size:
+                    rotator.prefetch(layer, predicted)
             rotator.after_token(routing)
         else:
             rotator.step += 1
@@ -194,27 +212,37 @@ def _run(trace: Trace, slots: int, policy: str, budget: int | None, rotate: bool
 
 
 def simulate(trace: Trace, slots: int, policy: str, profile: Profile, *, budget_bytes: int | None = None,
-             prior: dict[int, np.ndarray] | None = None, optimum: OfflineOptimum | None = None) -> SimulationResult:
+             prior: dict[int, np.ndarray] | None = None, optimum: OfflineOptimum | None = None,
+             prefetch: bool = False) -> SimulationResult:
     """Replay the trace with `slots` per layer; budget_bytes None: the runtime's default from the profile.
-    optimum: offline_optimum(trace, slots) when already computed (it does not depend on the policy)."""
+    optimum: offline_optimum(trace, slots) when already computed (it does not depend on the policy).
+    prefetch: replay the trace's recorded predictions (a trace without them simulates no prefetch)."""
     budget = default_budget(trace, slots, profile) if budget_bytes is None else budget_bytes
-    rotated = _run(trace, slots, policy, budget, True, prior)
+    rotated = _run(trace, slots, policy, budget, True, prior, prefetch)
     static = _run(trace, slots, policy, budget, False, prior)
     best = offline_optimum(trace, slots) if optimum is None else optimum
     tokens = trace.decode_steps
-    copied = sum(c.bytes_copied for c in rotated.counters.values()) / max(1, tokens)
+    t = rotated.totals()
+    copied = t.bytes_copied / max(1, tokens)
     return SimulationResult(policy, slots, rotated.hit_rate, copied, budget, tokens,
                             predict_decode_tok_s(trace, rotated.hit_rate, copied, profile), static.hit_rate,
-                            best.hit_rate, best.delayed_hit_rate)
+                            best.hit_rate, best.delayed_hit_rate, prefetch, _share(t.predicted_right, t.predicted),
+                            t.prefetches / max(1, tokens), _share(t.prefetch_hits, t.prefetches))
+
+
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
 
 
 def simulate_policies(trace: Trace, slots: int, policies: list[str], profile: Profile, *,
-                      budget_bytes: int | None = None,
-                      prior: dict[int, np.ndarray] | None = None) -> list[SimulationResult]:
-    """simulate() for each policy, the offline optimum computed once."""
+                      budget_bytes: int | None = None, prior: dict[int, np.ndarray] | None = None,
+                      prefetch: bool = False) -> list[SimulationResult]:
+    """simulate() for each policy, the offline optimum computed once; with prefetch (and a trace that
+    recorded predictions), each policy a second time with the predictions replayed."""
     optimum = offline_optimum(trace, slots)
-    return [simulate(trace, slots, p, profile, budget_bytes=budget_bytes, prior=prior, optimum=optimum)
-            for p in policies]
+    variants = (False, True) if prefetch and trace.has_predictions else (False,)
+    return [simulate(trace, slots, p, profile, budget_bytes=budget_bytes, prior=prior, optimum=optimum,
+                     prefetch=v) for v in variants for p in policies]
 
 
 def plot_curve(trace: Trace, policies: list[str], profile: Profile, out: Path, budget_bytes: int | None) -> Path:

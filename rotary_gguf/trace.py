@@ -1,9 +1,9 @@
 """Routing traces: which experts every MoE layer selected, step by step, in a compact binary file.
 
-Format (version 1, little-endian):
+Format (version 2, little-endian; version 1 files, which have no predictions, are read too):
 
     magic    4 bytes  b"RTRC"
-    version  u16      1
+    version  u16      2
     flags    u16      bit 0: synthetic (generated, not recorded from a model)
     length   u32      bytes of the JSON header that follows
     header   JSON     {"model", "description", "layers": [layer ids], "n_expert", "n_expert_used",
@@ -14,8 +14,11 @@ Format (version 1, little-endian):
       per layer, in header order:
         count  u32    expert ids in this step (tokens routed x n_expert_used)
         ids    count x id_bytes, token-major
+        pcount u32    (version 2) ids the plugin predicted for this layer one MoE layer ahead (0: none)
+        pids   pcount x id_bytes, best first per predicted token
 
-A decoded token costs 1 + layers x (4 + n_expert_used x id_bytes) bytes: 577 bytes for Qwen3-30B-A3B.
+A decoded token costs 1 + layers x (8 + 2 x n_expert_used x id_bytes) bytes with predictions: 1,153 bytes
+for Qwen3-30B-A3B.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import numpy as np
 from rotary_gguf.errors import RotaryError
 
 MAGIC = b"RTRC"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FLAG_SYNTHETIC = 1
 PHASES = ("prompt", "decode")
 _PREFIX = struct.Struct("<4sHHI")
@@ -77,6 +81,16 @@ class TraceHeader:
 class Trace:
     header: TraceHeader
     steps: list[tuple[str, dict[int, np.ndarray]]] = field(default_factory=list)
+    # per step (when recorded): each layer's experts as the plugin predicted them one MoE layer ahead
+    predictions: list[dict[int, np.ndarray]] = field(default_factory=list)
+
+    def predicted(self, step: int) -> dict[int, np.ndarray]:
+        """The predictions recorded with a step (empty: none, as in version 1 files and synthetic traces)."""
+        return self.predictions[step] if step < len(self.predictions) else {}
+
+    @property
+    def has_predictions(self) -> bool:
+        return any(ids.size for step in self.predictions for ids in step.values())
 
     @property
     def decode_steps(self) -> int:
@@ -97,11 +111,13 @@ class TraceWriter:
         self._file.write(_PREFIX.pack(MAGIC, VERSION, FLAG_SYNTHETIC if header.synthetic else 0, len(body)) + body)
         self.steps = 0
 
-    def write_step(self, phase: str, routing: dict[int, np.ndarray]) -> None:
+    def write_step(self, phase: str, routing: dict[int, np.ndarray],
+                   predicted: dict[int, np.ndarray] | None = None) -> None:
         parts = [bytes([PHASES.index(phase)])]
         for layer in self.header.layers:
-            ids = np.asarray(routing.get(layer, ()), dtype=self.header.id_dtype)
-            parts += [struct.pack("<I", len(ids)), ids.tobytes()]
+            for ids in (routing.get(layer, ()), (predicted or {}).get(layer, ())):
+                ids = np.asarray(ids, dtype=self.header.id_dtype)
+                parts += [struct.pack("<I", len(ids)), ids.tobytes()]
         self._file.write(b"".join(parts))
         self.steps += 1
 
@@ -137,23 +153,29 @@ def _header(path: Path, data: bytes, flags: int) -> TraceHeader:
         raise TraceError(f"{path}: corrupt trace header ({exc})") from None
 
 
-def _steps(path: Path, f: BinaryIO, header: TraceHeader) -> Iterator[tuple[str, dict[int, np.ndarray]]]:
-    width = header.id_dtype.itemsize
+def _ids(path: Path, f: BinaryIO, header: TraceHeader, layer: int) -> np.ndarray:
+    count_bytes = f.read(4)
+    count = struct.unpack("<I", count_bytes)[0] if len(count_bytes) == 4 else -1
+    data = f.read(count * header.id_dtype.itemsize) if count >= 0 else b""
+    if count < 0 or len(data) != count * header.id_dtype.itemsize:
+        raise TraceError(f"{path}: truncated trace (a step ends at byte {f.tell()})")
+    ids = np.frombuffer(data, dtype=header.id_dtype).astype(np.int32)
+    if ids.size and ids.max() >= header.n_expert:
+        raise TraceError(f"{path}: expert id {ids.max()} in layer {layer} is beyond n_expert {header.n_expert}")
+    return ids
+
+
+def _steps(path: Path, f: BinaryIO, header: TraceHeader, version: int,
+           ) -> Iterator[tuple[str, dict[int, np.ndarray], dict[int, np.ndarray]]]:
     while phase_byte := f.read(1):
         if phase_byte[0] >= len(PHASES):
             raise TraceError(f"{path}: corrupt trace: step phase {phase_byte[0]} at byte {f.tell() - 1}")
-        routing = {}
+        routing, predicted = {}, {}
         for layer in header.layers:
-            count_bytes = f.read(4)
-            count = struct.unpack("<I", count_bytes)[0] if len(count_bytes) == 4 else -1
-            data = f.read(count * width) if count >= 0 else b""
-            if count < 0 or len(data) != count * width:
-                raise TraceError(f"{path}: truncated trace (a step ends at byte {f.tell()})")
-            ids = np.frombuffer(data, dtype=header.id_dtype).astype(np.int32)
-            if ids.size and ids.max() >= header.n_expert:
-                raise TraceError(f"{path}: expert id {ids.max()} in layer {layer} is beyond n_expert {header.n_expert}")
-            routing[layer] = ids
-        yield PHASES[phase_byte[0]], routing
+            routing[layer] = _ids(path, f, header, layer)
+            if version >= 2:
+                predicted[layer] = _ids(path, f, header, layer)
+        yield PHASES[phase_byte[0]], routing, predicted
 
 
 def read_trace(path: str | os.PathLike[str]) -> Trace:
@@ -165,10 +187,13 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
             if len(prefix) < _PREFIX.size or prefix[:4] != MAGIC:
                 raise TraceError(f"{path}: not a rotary routing trace (no RTRC magic)")
             _, version, flags, length = _PREFIX.unpack(prefix)
-            if version != VERSION:
-                raise TraceError(f"{path}: trace format version {version}; this rotary reads version {VERSION}")
+            if version not in READABLE_VERSIONS:
+                raise TraceError(f"{path}: trace format version {version}; this rotary reads versions "
+                                 f"{', '.join(map(str, READABLE_VERSIONS))}")
             header = _header(path, f.read(length), flags)
-            return Trace(header, list(_steps(path, f, header)))
+            steps = list(_steps(path, f, header, version))
+            return Trace(header, [(phase, routing) for phase, routing, _ in steps],
+                         [predicted for _, _, predicted in steps])
     except OSError as exc:
         raise TraceError(f"{path}: cannot read the trace: {exc.strerror}") from None
 
@@ -225,8 +250,8 @@ def synthetic_trace(layers: int = 48, n_expert: int = 128, n_used: int = 8, *, r
 
 def write_trace(path: str | os.PathLike[str], trace: Trace) -> Path:
     with TraceWriter(path, trace.header) as writer:
-        for phase, routing in trace.steps:
-            writer.write_step(phase, routing)
+        for i, (phase, routing) in enumerate(trace.steps):
+            writer.write_step(phase, routing, trace.predicted(i))
     return writer.path
 
 

@@ -2,13 +2,15 @@
 """Build the shipped model (rotary_gguf/data/models/) from a checkpoint of scripts/train_tiny_moe.py.
 
     .venv/bin/python scripts/build_tiny_moe.py CHECKPOINT_DIR [--type q8_0]
+    .venv/bin/python scripts/build_tiny_moe.py --traces-only   # re-record the two traces from the shipped model
 
 Runs the commands a user would: `rotary convert` to GGUF, then `rotary calibrate --embed` on code
 prompts (the opening lines of the standard-library files the training held out), which also records
 the routing trace (benchmarks/traces/stdlib-moe.rtrc) and the popularity heatmap (benchmarks/). A
 second routing trace, for rotation studies, comes from third-party code the model never saw (the
 opening lines of click's sources, 128 generated tokens each: benchmarks/traces/stdlib-moe-click.rtrc).
-Copies the training report and writes the licence note beside the model.
+Both traces carry the plugin's cross-layer predictions beside the routing (trace format 2). Copies the
+training report and writes the licence note beside the model.
 """
 
 from __future__ import annotations
@@ -71,25 +73,45 @@ def run(*args: str) -> None:
     subprocess.run([ROTARY, *args], check=True)
 
 
+TRACE = ROOT / "benchmarks" / "traces" / "stdlib-moe.rtrc"
+CLICK_TRACE = ROOT / "benchmarks" / "traces" / "stdlib-moe-click.rtrc"
+
+
+def held_out_prompts(tmp: Path) -> Path:
+    held_out = [f for i, f in enumerate(stdlib_files()) if i % HELD_OUT_EVERY == 0]
+    return opening_lines(held_out, tmp / "prompts.json")
+
+
+def record_click_trace(tmp: Path) -> None:
+    click_sources = sorted((Path(click.__file__).parent).glob("*.py"))
+    run("calibrate", str(SHIPPED_MODEL), "--prompts", str(opening_lines(click_sources, tmp / "click.json")),
+        "--tokens", "128", "--profile", "cpu-only", "--out", str(tmp / "click.rotary.json"),
+        "--trace", str(CLICK_TRACE))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("checkpoint", type=Path, nargs="?")
     parser.add_argument("--type", default="q8_0", help="the GGUF type: q8_0 or a llama.cpp type (q4_k_m)")
+    parser.add_argument("--traces-only", action="store_true", help="only re-record the traces (shipped model)")
     args = parser.parse_args()
+    if args.traces_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            run("calibrate", str(SHIPPED_MODEL), "--prompts", str(held_out_prompts(Path(tmp))), "--profile",
+                "cpu-only", "--out", str(Path(tmp) / "stdlib.rotary.json"), "--trace", str(TRACE))
+            record_click_trace(Path(tmp))
+        return 0
+    if args.checkpoint is None:
+        parser.error("give the checkpoint folder (or --traces-only)")
     out_dir = SHIPPED_MODEL.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / SHIPPED_MODEL.name
         run("convert", str(args.checkpoint), "-o", str(plain), "--type", args.type)
-        held_out = [f for i, f in enumerate(stdlib_files()) if i % HELD_OUT_EVERY == 0]
-        prompts = opening_lines(held_out, Path(tmp) / "prompts.json")
-        run("calibrate", str(plain), "--prompts", str(prompts), "--profile", "cpu-only", "--embed",
-            "-o", str(SHIPPED_MODEL), "--force", "--trace", str(ROOT / "benchmarks" / "traces" / "stdlib-moe.rtrc"),
+        run("calibrate", str(plain), "--prompts", str(held_out_prompts(Path(tmp))), "--profile", "cpu-only", "--embed",
+            "-o", str(SHIPPED_MODEL), "--force", "--trace", str(TRACE),
             "--plot", str(ROOT / "benchmarks" / "stdlib-moe-heatmap.png"))
-        click_sources = sorted((Path(click.__file__).parent).glob("*.py"))
-        run("calibrate", str(SHIPPED_MODEL), "--prompts", str(opening_lines(click_sources, Path(tmp) / "click.json")),
-            "--tokens", "128", "--profile", "cpu-only", "--out", str(Path(tmp) / "click.rotary.json"),
-            "--trace", str(ROOT / "benchmarks" / "traces" / "stdlib-moe-click.rtrc"))
+        record_click_trace(Path(tmp))
     shutil.copyfile(Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt", out_dir / "PSF-LICENSE.txt")
     shutil.copyfile(args.checkpoint / "training.json", out_dir / "training.json")
     (out_dir / "README.txt").write_text(licence_note(args.checkpoint))

@@ -149,7 +149,7 @@ def _assert_same(native: Rotator, ref: _Reference, where: str) -> None:
     assert np.array_equal(native.native.slot_of, ref.slot_of), where
     assert np.array_equal(native.native.expert_in, ref.expert_in), where
     assert np.array_equal(native.native.busy, ref.busy), where
-    assert np.array_equal(native.native.counters.astype(np.int64), ref.counters), where
+    assert np.array_equal(native.native.counters[:, :5].astype(np.int64), ref.counters), where  # no prefetch
     assert native.pending == ref.pending, where
     assert native.copied_per_token.tolist() == ref.copied, where
     assert native.step == ref.step, where

@@ -62,7 +62,7 @@ def test_simulator_reproduces_the_plugin_on_its_trace(stand_in, wide_arch_models
         copied = sum(s.bytes_copied for s in model.rotation.layer_stats())
     trace = read_trace(tmp_path / "run.rtrc")  # written when the engine closed
     assert trace.decode_steps == 80
-    result = simulate(trace, 3, policy, PROFILE, budget_bytes=budget)
+    result = simulate(trace, 3, policy, PROFILE, budget_bytes=budget, prefetch=True)
     assert plugin_hits / (80 * 2 * 2) == result.hit_rate  # exactly: the same decisions on the same routing
     assert max(rotator.copied_per_token) <= budget and max(rotator.copied_per_token) > 0
     assert copied == sum(rotator.copied_per_token[-40:])

@@ -83,7 +83,7 @@ def test_simulator_reproduces_the_plugin_on_real_routing(stand_in, tmp_path, slo
     trace = read_trace(tmp_path / "run.rtrc")
     assert trace.decode_steps == 96
     prior = load_calibration(open_index(SHIPPED_MODEL))[0].popularity()  # hybrid's prior at run time
-    result = simulate(trace, 4, "hybrid", PROFILE, budget_bytes=budget, prior=prior)
+    result = simulate(trace, 4, "hybrid", PROFILE, budget_bytes=budget, prior=prior, prefetch=True)
     assert plugin_hits / (96 * 4 * 6) == result.hit_rate
     shown = CliRunner().invoke(main, ["simulate", str(tmp_path / "run.rtrc"), "--slots", "4", "--policy", "hybrid",
                                       "--budget", f"{budget}B", "--calibration", str(SHIPPED_MODEL), "--json"])

@@ -25,11 +25,14 @@ from rotary_gguf.rotation import POLICIES
 @click.option("--calibration", "calibrated", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="A calibrated model (rotary-aware GGUF, or a GGUF with its sidecar): its popularity seeds the "
                    "slots and is hybrid's prior, as at run time.")
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="With a trace that recorded the plugin's predictions: also replay each policy with "
+                   "cross-layer prefetch.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str, budget: str | None,
-             profile_name: str, plot: Path | None, calibrated: Path | None, as_json: bool) -> None:
+             profile_name: str, plot: Path | None, calibrated: Path | None, prefetch: bool, as_json: bool) -> None:
     """Replay TRACE against slots and rotation policies: hit rate, its share of the offline optimum, bytes
-    copied, predicted decode speed."""
+    copied, predicted decode speed; with recorded predictions, also with cross-layer prefetch."""
     from rotary_gguf.profile import load_profile
     from rotary_gguf.simulate import plot_curve, simulate_policies, slots_for_vram
     from rotary_gguf.trace import read_trace
@@ -50,15 +53,16 @@ def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str,
         if calibration is None:
             raise Failure(f"{calibrated}: no calibration to seed from: {reason}")
         prior = calibration.popularity()
-    results = simulate_policies(trace, k, policies, profile, budget_bytes=budget_bytes, prior=prior)
+    results = simulate_policies(trace, k, policies, profile, budget_bytes=budget_bytes, prior=prior,
+                                prefetch=prefetch)
     kind = "synthetic" if trace.header.synthetic else "recorded"
     if plot:
         plot_curve(trace, policies, profile, plot, budget_bytes)
     if as_json:
         out = {"trace": str(trace_path), "trace_kind": kind, "model": trace.header.model, "profile": profile.name,
                "slots": k, "results": [r.to_json() for r in results]}
-        if len(results) == 1:
-            out |= results[0].to_json()
+        if len(policies) == 1:  # its result as the runtime would run it (with prefetch when simulated)
+            out |= results[-1].to_json()
         click.echo(json.dumps(out))
         return
     click.echo(f"{trace_path.name}: {kind} trace of {trace.header.model}, {trace.decode_steps} decoded tokens, "
@@ -66,10 +70,15 @@ def simulate(trace_path: Path, slots: int | None, vram: str | None, policy: str,
                f"bandwidths of {profile.name}")
     click.echo(f"offline optimum: {results[0].optimal_hit_rate:.1%} (immediate admission), "
                f"{results[0].optimal_delayed_hit_rate:.1%} (with the runtime's admission delay)")
-    click.echo(f"{'policy':<8}{'hit rate':>10}{'of optimum':>12}{'no rotation':>13}{'copied/token':>14}{'budget':>12}"
-               f"{'pred. tok/s':>13}")
+    prefetched = [r for r in results if r.prefetch]
+    if prefetched:
+        click.echo(f"cross-layer predictions: recall {prefetched[0].prediction_recall:.1%} of the selections")
+    elif prefetch:
+        click.echo("no cross-layer predictions in this trace: prefetch not simulated")
+    click.echo(f"{'policy':<17}{'hit rate':>10}{'of optimum':>12}{'no rotation':>13}{'copied/token':>14}"
+               f"{'budget':>12}{'pred. tok/s':>13}")
     for r in results:
-        click.echo(f"{r.policy:<8}{r.hit_rate:>10.1%}{r.share_of_optimal:>12.2f}{r.static_hit_rate:>13.1%}"
+        click.echo(f"{r.label:<17}{r.hit_rate:>10.1%}{r.share_of_optimal:>12.2f}{r.static_hit_rate:>13.1%}"
                    f"{r.bytes_copied_per_token / 2**20:>10.1f} MiB{(r.budget_bytes or 0) / 2**20:>8.1f} MiB"
                    f"{r.predicted_decode_tok_s:>13.1f}")
     if plot:

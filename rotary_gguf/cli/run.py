@@ -37,6 +37,8 @@ _RUN_OPTIONS = [
     click.option("--repack", is_flag=True, help="Let llama.cpp copy host experts into its CPU repacking buffers."),
     click.option("--policy", type=click.Choice(POLICIES), default=None,
                  help="Rotary: the slot rotation policy [default: the profile's]."),
+    click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+                 help="Rotary: copy the experts each layer is predicted to select, one MoE layer ahead."),
     click.option("--copy-budget", default=None,
                  help="Rotary: bytes rotation may copy per token, e.g. 64MiB [default: from the profile's PCIe "
                       "bandwidth and the measured token time]."),
@@ -58,10 +60,10 @@ def _model_options(func):
 
     @_with(_PLAN_OPTIONS + _RUN_OPTIONS)
     @functools.wraps(func)
-    def wrapper(*args, vram_budget, ctx, rpc, host_budget, threads, repack, policy, copy_budget, **kwargs):
+    def wrapper(*args, vram_budget, ctx, rpc, host_budget, threads, repack, policy, prefetch, copy_budget, **kwargs):
         from rotary_gguf.runtime import EngineOptions
 
-        options = EngineOptions(ctx=ctx, threads=threads, repack=repack, policy=policy,
+        options = EngineOptions(ctx=ctx, threads=threads, repack=repack, policy=policy, prefetch=prefetch,
                                 vram_budget=size_option(vram_budget, "--vram-budget"),
                                 copy_budget=size_option(copy_budget, "--copy-budget"), **rpc_fields(rpc, host_budget))
         return func(*args, options=options, **kwargs)

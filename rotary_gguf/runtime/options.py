@@ -37,6 +37,7 @@ class EngineOptions:
     policy: str | None = None  # rotary: the slot rotation policy
     copy_budget: int | None = None  # rotary: bytes rotation may copy per decoded token
     rotate: bool = True  # rotary: False keeps the slots as seeded (static residency)
+    prefetch: bool = True  # rotary: copy experts predicted one MoE layer ahead (while they predict well)
     trace: Path | None = None  # rotary: write the routing the scheduler saw to this trace
     trace_description: str = ""  # rotary: what the trace records (its header's description)
     replay: Path | None = None  # rotary, benchmarks only: compute this trace's experts instead of the router's

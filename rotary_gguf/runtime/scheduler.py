@@ -14,6 +14,7 @@ from rotary_gguf.gguf import ModelIndex
 from rotary_gguf.plan import ROTARY_MAX_BATCH_GPU, Placement
 from rotary_gguf.profile import Profile
 from rotary_gguf.rotation import LayerShape, Rotation, can_rotate
+from rotary_gguf.router import RouterError, read_routers
 from rotary_gguf.runtime.llama import gpu_device_name, llama_cpp
 from rotary_gguf.runtime.options import EngineOptions
 
@@ -83,10 +84,11 @@ def open_scheduler(index: ModelIndex, placement: Placement, profile: Profile, op
     try:
         layers = {layer: LayerShape(model.n_expert(layer), index.params.n_expert_used, model.set_slots(layer, n),
                                     index.slot_bytes(layer)) for layer, n in placement.expert_slots}
+        rotate = options.rotate and not options.routing_only and can_rotate(layers)
+        predicting = _set_routers(index, model) if (rotate and options.prefetch) or trace is not None else False
         rotation = Rotation(model, layers, options.policy or profile.rotation_policy, pcie_gbs=profile.pcie_gbs,
-                            budget_bytes=options.copy_budget, prior=popularity,
-                            rotate=options.rotate and not options.routing_only and can_rotate(layers), trace=trace,
-                            replay=replay)
+                            budget_bytes=options.copy_budget, prior=popularity, rotate=rotate,
+                            prefetch=options.prefetch and predicting, trace=trace, replay=replay)
         if popularity:
             rotation.seed_from_popularity(popularity)
         for layer, shape in layers.items():  # a layer whose slots hold all its experts is filled once, now
@@ -96,6 +98,19 @@ def open_scheduler(index: ModelIndex, placement: Placement, profile: Profile, op
         model.close()
         raise
     return rotation
+
+
+def _set_routers(index: ModelIndex, model: rotary_plugin.ModelScheduler) -> bool:
+    """Give the plugin the MoE layers' routers, for cross-layer prediction; False when they cannot be read
+    (the model then runs without prefetch)."""
+    try:
+        routers = read_routers(index, model.layers)
+    except RouterError as exc:
+        log.warning("no cross-layer prefetch: %s", exc)
+        return False
+    for layer, router in routers.items():
+        model.set_router(layer, router)
+    return bool(routers)
 
 
 def routing_callback(rotation: Rotation | None) -> tuple[int, int | None] | None:
