@@ -369,7 +369,8 @@ int rotary_sched_set_router(rotary_sched_model * model, int layer, const rotary_
     out.n_expert = r.n_expert;
     out.n_used = r.n_used;
     out.gating = r.gating;
-    out.weight.assign(r.weight, r.weight + (size_t) r.n_expert * r.n_embd);
+    out.weight.resize((size_t) r.n_expert * r.n_embd);
+    std::transform(r.weight, r.weight + out.weight.size(), out.weight.begin(), to_bf16);
     const auto copy = [](std::vector<float> & v, const float * from, size_t n) {
         from ? v.assign(from, from + n) : v.clear();
     };

@@ -754,6 +754,10 @@ int rotary_decide_set_prefetch(rotary_decide * d, const rotary_decide_prefetch_t
     return 0;
 }
 
+void rotary_decide_set_budget(rotary_decide * d, int64_t budget) {
+    d->budget_now = budget;
+}
+
 void rotary_decide_before_prompt(rotary_decide * d) {
     d->decoding = false;
 }

@@ -6,25 +6,48 @@
 #include "scheduler.h"
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <numeric>
 
 namespace rotary {
 
-// Eight partial sums: the compiler vectorises them without -ffast-math.
-static float dot(const float * a, const float * b, int64_t n) {
-    float acc[8] = { 0 };
+// Router weights are kept as bfloat16 (the top half of a float): half the memory a prediction reads per
+// layer, and a shift to widen, which the compiler vectorises. Round to nearest even, as numpy's reference.
+uint16_t to_bf16(float value) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    return (uint16_t) ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// 32 partial sums (four AVX vectors, so that the additions do not wait on one another): the compiler
+// vectorises them without -ffast-math; on x86-64 a second version for AVX2 + FMA is chosen at load time
+// where the CPU has them (the plugin is built for any x86-64).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+static float dot(const uint16_t * a, const float * b, int64_t n) {
+    constexpr int kLanes = 32;
+    float acc[kLanes] = { 0 };
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        for (int j = 0; j < 8; j++) {
-            acc[j] += a[i + j] * b[i + j];
+    for (; i + kLanes <= n; i += kLanes) {
+        for (int j = 0; j < kLanes; j++) {
+            const uint32_t bits = (uint32_t) a[i + j] << 16;
+            float w;
+            std::memcpy(&w, &bits, sizeof(w));
+            acc[j] += w * b[i + j];
         }
     }
-    float sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
     for (; i < n; i++) {
-        sum += a[i] * b[i];
+        const uint32_t bits = (uint32_t) a[i] << 16;
+        float w;
+        std::memcpy(&w, &bits, sizeof(w));
+        acc[i % kLanes] += w * b[i];
     }
-    return sum;
+    for (int j = 8; j < kLanes; j++) {
+        acc[j % 8] += acc[j];
+    }
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
 void Router::predict(const float * x, int32_t * out, std::vector<float> & scratch) const {

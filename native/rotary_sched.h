@@ -115,7 +115,7 @@ typedef struct rotary_sched_router_t {
     int32_t n_expert;
     int32_t n_used;
     int32_t gating;             // ROTARY_GATING_*
-    const float * weight;       // [n_expert][n_embd] (copied)
+    const float * weight;       // [n_expert][n_embd] (kept as bfloat16, rounded to nearest even)
     const float * logit_bias;   // [n_expert] or NULL
     const float * select_bias;  // [n_expert] or NULL (exp_probs_b)
     const float * input_scale;  // [n_embd] or NULL
@@ -255,6 +255,8 @@ ROTARY_API int rotary_decide_commit(rotary_decide * d);
 // Prefetch on with these parameters (NULL: off). Off by default.
 ROTARY_API int rotary_decide_set_prefetch(rotary_decide * d, const rotary_decide_prefetch_t * prefetch);
 // Predictions count only while decoding: from after_prompt until before_prompt.
+// The budget prefetches use until the next after_token brings its own (< 0: no limit).
+ROTARY_API void rotary_decide_set_budget(rotary_decide * d, int64_t budget);
 ROTARY_API void rotary_decide_before_prompt(rotary_decide * d);
 // A prediction of a layer's experts for the token being decoded (best first); returns the copies it started.
 ROTARY_API int rotary_decide_prefetch(rotary_decide * d, int layer, const int32_t * predicted, int n);

@@ -48,7 +48,7 @@ struct Router {
     int64_t n_embd = 0;
     int n_expert = 0, n_used = 0;
     int gating = 0;                 // ROTARY_GATING_*
-    std::vector<float> weight;      // [n_expert][n_embd]
+    std::vector<uint16_t> weight;   // [n_expert][n_embd], bfloat16 (to_bf16)
     std::vector<float> logit_bias;  // [n_expert] or empty
     std::vector<float> select_bias; // [n_expert] or empty (exp_probs_b: added to the gated scores)
     std::vector<float> input_scale; // [n_embd] or empty
@@ -290,6 +290,8 @@ struct Scheduler {
 
 // decide.cpp: whether the bound decisions take predictions now (prefetch on, a request decoding).
 bool decide_prefetching(const rotary_decide * d);
+
+uint16_t to_bf16(float value);  // predict.cpp
 
 bool map_file(const std::string & path, MappedFile & file);
 void unmap_file(MappedFile & file);

@@ -273,6 +273,8 @@ _DECLARATIONS = (
     ("rotary_decide_commit", ctypes.c_int, [_decide]),
     # int rotary_decide_set_prefetch(rotary_decide * d, const rotary_decide_prefetch_t * prefetch);
     ("rotary_decide_set_prefetch", ctypes.c_int, [_decide, ctypes.POINTER(_DecidePrefetch)]),
+    # void rotary_decide_set_budget(rotary_decide * d, int64_t budget);
+    ("rotary_decide_set_budget", None, [_decide, ctypes.c_int64]),
     # void rotary_decide_before_prompt(rotary_decide * d);
     ("rotary_decide_before_prompt", None, [_decide]),
     # int rotary_decide_prefetch(rotary_decide * d, int layer, const int32_t * predicted, int n);
@@ -448,6 +450,10 @@ class Decisions:
 
     def before_prompt(self) -> None:
         self._lib.rotary_decide_before_prompt(self._handle)
+
+    def set_budget(self, budget: int | None) -> None:
+        """The budget prefetches use until the next after_token brings its own (None: no limit)."""
+        self._lib.rotary_decide_set_budget(self._handle, -1 if budget is None else max(0, budget))
 
     def prefetch(self, layer: int, predicted: np.ndarray) -> int:
         """A prediction of the layer's experts for the token being decoded; returns the copies started."""

@@ -192,7 +192,9 @@ def format_rotary_line(r) -> str:
     return (f"rotary: {r.hit_rate:.1%} of expert reads from slots ({r.expert_reads_device} device, "
             f"{r.expert_reads_host} host); policy {r.policy}; copy budget {r.copy_budget}{budget}; "
             f"{r.admissions} admitted, {r.evictions} evicted, {format_bytes(r.bytes_copied)} copied, "
-            f"copy stalls {r.copy_stall_ms:.1f} ms")
+            f"copy stalls {r.copy_stall_ms:.1f} ms"
+            + (f"; prefetch: {r.prefetches} experts, prediction recall {r.prediction_recall:.0%}, "
+               f"waits {r.prefetch_stall_ms:.1f} ms" if r.prefetch else "; prefetch off"))
 
 
 def format_telemetry(stats, placement) -> str:

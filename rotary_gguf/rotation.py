@@ -191,6 +191,8 @@ class Rotator:
     def after_prompt(self, routing: dict[int, np.ndarray]) -> None:
         """Seed every layer's slots with the prompt's most selected experts (residents win ties)."""
         self._call(self.native.after_prompt, *self.routing_arrays(routing))
+        if self.prefetching:
+            self.native.set_budget(self.budget())
 
     def set_resident(self, layer: int, chosen: list[int]) -> None:
         """Fill a layer's slots with these experts (a synchronous copy): those already resident stay in their

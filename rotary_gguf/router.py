@@ -38,13 +38,21 @@ class Router:
     input_scale: np.ndarray | None = None  # [n_embd] (Gemma 4)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """The n_used experts this router selects for input x, best first (the plugin's rule, in numpy)."""
-        scores = self.weight.astype(np.float64) @ (x * (1 if self.input_scale is None else self.input_scale))
+        """The n_used experts this router selects for input x, best first (the plugin's rule, in numpy, with
+        the weights rounded to bfloat16 as the plugin keeps them)."""
+        scores = bfloat16(self.weight).astype(np.float64) @ (x * (1 if self.input_scale is None else self.input_scale))
         if self.logit_bias is not None:
             scores = scores + self.logit_bias
         if self.select_bias is not None:
             scores = _gate(scores, self.gating) + self.select_bias
         return np.argsort(-scores, kind="stable")[: self.n_used].astype(np.int32)
+
+
+def bfloat16(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bfloat16 (ties to even), as float32."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return rounded.view(np.float32)
 
 
 def _gate(logits: np.ndarray, gating: str) -> np.ndarray:

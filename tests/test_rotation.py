@@ -44,6 +44,7 @@ def test_rotation_never_changes_outputs(stand_in, wide_arch_models, arch, rotary
     stats = model.rotation.layer_stats()
     assert tokens == reference
     assert sum(s.evictions for s in stats) > 10  # the slots churned all along
+    assert sum(s.prefetches for s in stats) > 10  # and prefetches landed ahead of their layers
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -64,6 +65,7 @@ def test_simulator_reproduces_the_plugin_on_its_trace(stand_in, wide_arch_models
     assert trace.decode_steps == 80
     result = simulate(trace, 3, policy, PROFILE, budget_bytes=budget, prefetch=True)
     assert plugin_hits / (80 * 2 * 2) == result.hit_rate  # exactly: the same decisions on the same routing
+    assert trace.has_predictions and result.prefetches_per_token > 0  # with the plugin's prefetches
     assert max(rotator.copied_per_token) <= budget and max(rotator.copied_per_token) > 0
     assert copied == sum(rotator.copied_per_token[-40:])
 

@@ -85,6 +85,8 @@ def test_simulator_reproduces_the_plugin_on_real_routing(stand_in, tmp_path, slo
     prior = load_calibration(open_index(SHIPPED_MODEL))[0].popularity()  # hybrid's prior at run time
     result = simulate(trace, 4, "hybrid", PROFILE, budget_bytes=budget, prior=prior, prefetch=True)
     assert plugin_hits / (96 * 4 * 6) == result.hit_rate
+    # The plugin's cross-layer predictions name most of the next layer's experts (a random guess: 4 of 32).
+    assert result.prediction_recall > 0.6 and result.prefetches_per_token > 0
     shown = CliRunner().invoke(main, ["simulate", str(tmp_path / "run.rtrc"), "--slots", "4", "--policy", "hybrid",
                                       "--budget", f"{budget}B", "--calibration", str(SHIPPED_MODEL), "--json"])
     assert shown.exit_code == 0, shown.output

@@ -141,4 +141,4 @@ def test_share_of_optimal_in_json_and_text(tmp_path):
     assert (f"offline optimum: {optimum.hit_rate:.1%} (immediate admission), {optimum.delayed_hit_rate:.1%} "
             "(with the runtime's admission delay)") in text.stdout
     for r in results:
-        assert f"{r.policy:<8}{r.hit_rate:>10.1%}{r.share_of_optimal:>12.2f}" in text.stdout
+        assert f"{r.label:<17}{r.hit_rate:>10.1%}{r.share_of_optimal:>12.2f}" in text.stdout

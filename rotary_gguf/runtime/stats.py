@@ -16,6 +16,7 @@ class LayerRotation:
     admissions: int
     evictions: int
     bytes_copied: int
+    prefetches: int = 0  # experts copied ahead of the layer on a prediction
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class RotaryStats:
     slots: dict[str, int]
     device: str
     per_layer: dict[str, LayerRotation]
+    prefetch: bool = False  # cross-layer prefetch on
+    prefetches: int = 0
+    prediction_recall: float = 0.0  # of the decoded selections, those the predictions named
+    prefetch_stall_ms: float = 0.0  # layers waiting for their prefetched experts
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -70,6 +75,8 @@ def rotary_stats(rotation: Rotation, description: str) -> RotaryStats:
     host = sum(s.host_pairs for s in layers)
     copied = sum(s.bytes_copied for s in layers)
     tokens = max(1, len(rotation.rotator.copied_per_token))
+    decided = rotation.rotator.totals()
+    stats = rotation.plugin.stats()
     return RotaryStats(
         hit_rate=round(device / (device + host), 4) if device + host else 0.0,
         expert_reads_device=device, expert_reads_host=host,
@@ -77,10 +84,13 @@ def rotary_stats(rotation: Rotation, description: str) -> RotaryStats:
         copy_budget=_copy_budget(rotation), copy_budget_bytes_per_token=rotation.budget() if rotation.rotate else 0,
         admissions=sum(s.admissions for s in layers), evictions=sum(s.evictions for s in layers),
         bytes_copied=copied, bytes_copied_per_token=round(copied / tokens),
-        copy_stall_ms=round(rotation.plugin.stats().stall_ns / 1e6, 3),
+        copy_stall_ms=round(stats.stall_ns / 1e6, 3),
         slots={str(layer): n for layer, n in rotation.slots.items()}, device=description,
         per_layer={str(s.layer): LayerRotation(s.device_pairs, s.host_pairs, s.admissions, s.evictions,
-                                               s.bytes_copied) for s in layers})
+                                               s.bytes_copied, s.prefetches) for s in layers},
+        prefetch=rotation.rotator.prefetching, prefetches=sum(s.prefetches for s in layers),
+        prediction_recall=round(decided.predicted_right / decided.predicted, 4) if decided.predicted else 0.0,
+        prefetch_stall_ms=round(stats.prefetch_stall_ns / 1e6, 3))
 
 
 @dataclass(frozen=True)
