@@ -11,8 +11,10 @@ the predictions replaced by random experts (the per-layer switch-off must keep i
   q30b      the budget Qwen3-30B-A3B gets on the same profile, as experts per layer per token (computed
             from the synthetic trace with its shapes), scaled to this model's expert size
   unlimited no budget
-Then per-layer prediction recall, and the prediction's cost: the plugin's native router product at
-Qwen3-30B-A3B shapes (128 experts x 2,048), per layer and per token of 48 layers.
+The "random predictions" control replays the default policy with each prediction replaced by random
+experts; compare it with the default policy alone. Then per-layer prediction recall, and the prediction's
+cost: the plugin's native router product at Qwen3-30B-A3B shapes (128 experts x 2,048), per layer and per
+token of 48 layers.
 
     .venv/bin/python benchmarks/prefetch.py [--profile rtx4060-laptop-8gb] [--json benchmarks/prefetch.json]
 """
@@ -82,6 +84,7 @@ def compare(trace: Trace, profile, fraction: int) -> list[dict]:
         rows.append({"slots": slots, "fraction": f"1/{fraction}", "budget": name,
                      "budget_bytes": with_prefetch.budget_bytes,
                      "best_history": best, "best_history_hit_rate": history[best].hit_rate,
+                     "default_history_hit_rate": history[DEFAULT_POLICY].hit_rate,
                      "prefetch_hit_rate": with_prefetch.hit_rate,
                      "gain": with_prefetch.hit_rate - history[best].hit_rate,
                      "optimal_delayed_hit_rate": optimum.delayed_hit_rate, "optimal_hit_rate": optimum.hit_rate,
@@ -92,8 +95,9 @@ def compare(trace: Trace, profile, fraction: int) -> list[dict]:
     return rows
 
 
-def prediction_cost(repetitions: int = 2000) -> tuple[float, float]:
-    """Microseconds per native router prediction at Qwen3-30B-A3B shapes (mean, sd over 5 runs)."""
+def prediction_cost(repetitions: int = 2000) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Microseconds per native router prediction at Qwen3-30B-A3B shapes through ctypes, and the same call on
+    a router of width 32 (nearly all call overhead); (mean, sd) over 5 runs each, interleaved."""
     os.environ.setdefault("ROTARY_SCHED_DEVICE", "cpu")
     import tempfile
 
@@ -108,17 +112,20 @@ def prediction_cost(repetitions: int = 2000) -> tuple[float, float]:
         rng = np.random.default_rng(0)
         p = index.params
         with scheduler_plugin("cpu").open_model(index) as model:
-            layer = index.moe_layers[1]
-            model.set_router(layer, Router(layer, rng.normal(size=(p.n_expert, p.n_embd)).astype(np.float32),
-                                           p.n_expert_used, "softmax"))
-            x = rng.normal(size=p.n_embd).astype(np.float32)
-            runs = []
+            full, narrow = index.moe_layers[1], index.moe_layers[2]
+            for layer, width in ((full, p.n_embd), (narrow, 32)):
+                weight = rng.normal(size=(p.n_expert, width)).astype(np.float32)
+                model.set_router(layer, Router(layer, weight, p.n_expert_used, "softmax"))
+            inputs = {layer: rng.normal(size=width).astype(np.float32) for layer, width in ((full, p.n_embd), (narrow, 32))}
+            runs: dict[int, list[float]] = {full: [], narrow: []}
             for _ in range(5):
-                started = time.perf_counter()
-                for _ in range(repetitions):
-                    model.predict(layer, x)
-                runs.append((time.perf_counter() - started) / repetitions * 1e6)
-    return statistics.mean(runs), statistics.stdev(runs)
+                for layer in (full, narrow):
+                    started = time.perf_counter()
+                    for _ in range(repetitions):
+                        model.predict(layer, inputs[layer])
+                    runs[layer].append((time.perf_counter() - started) / repetitions * 1e6)
+    return ((statistics.mean(runs[full]), statistics.stdev(runs[full])),
+            (statistics.mean(runs[narrow]), statistics.stdev(runs[narrow])))
 
 
 def main() -> int:
@@ -137,20 +144,23 @@ def main() -> int:
         results["traces"][name] = {"decode_tokens": trace.decode_steps, "recall_by_layer": recall, "rows": rows}
         print(f"## {name}: {trace.decode_steps} decoded tokens; prediction recall by layer: "
               + ", ".join(f"{layer}: {r:.1%}" for layer, r in recall.items()) + "\n")
-        print("| slots | budget | best history-only | + prefetch | gain | delayed optimum | prefetches/token "
-              "| of them used | random predictions |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| slots | budget | best history-only | {DEFAULT_POLICY} + prefetch | gain | delayed optimum "
+              f"| prefetches/token | of them used | {DEFAULT_POLICY} alone | random predictions |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
             print(f"| {r['slots']} ({r['fraction']}) | {r['budget']} | {r['best_history']} "
                   f"{r['best_history_hit_rate']:.1%} | {r['prefetch_hit_rate']:.1%} | {100 * r['gain']:+.1f} pts "
                   f"| {r['optimal_delayed_hit_rate']:.1%} | {r['prefetches_per_token']:.2f} "
-                  f"| {r['prefetch_precision']:.0%} | {r['random_predictions_hit_rate']:.1%} "
+                  f"| {r['prefetch_precision']:.0%} | {r['default_history_hit_rate']:.1%} "
+                  f"| {r['random_predictions_hit_rate']:.1%} "
                   f"({r['random_predictions_prefetches_per_token']:.2f}/token) |")
         print()
-    mean, sd = prediction_cost()
-    results["prediction_us_per_layer"] = {"mean": mean, "sd": sd}
-    print(f"prediction cost at Qwen3-30B-A3B shapes (128 x 2048, F32, one thread): {mean:.1f} ± {sd:.1f} µs per "
-          f"layer (through ctypes), {48 * mean / 1000:.2f} ms per token of 48 layers")
+    (mean, sd), (call, call_sd) = prediction_cost()
+    results["prediction_us_per_layer"] = {"mean": mean, "sd": sd, "call_overhead_mean": call,
+                                          "call_overhead_sd": call_sd}
+    print(f"prediction cost at Qwen3-30B-A3B shapes (128 x 2048, bfloat16 weights, one thread), through ctypes: "
+          f"{mean:.1f} ± {sd:.1f} µs per layer; the same call at width 32: {call:.1f} ± {call_sd:.1f} µs; so about "
+          f"{mean - call:.1f} µs in the plugin, {48 * (mean - call) / 1000:.2f} ms per token of 48 layers")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -170,3 +170,25 @@ def test_prefetch_pays_on_the_recorded_trace_and_a_useless_predictor_switches_of
     assert random.prediction_recall < 0.25
     assert random.hit_rate > history.hit_rate - 0.01
     assert random.prefetches_per_token < prefetched.prefetches_per_token / 4
+
+
+@pytest.fixture(scope="module")
+def hybrid_q8(models_dir) -> dict[str, Path]:
+    from rotary_gguf.synth import PRESETS, synth_model
+
+    return {name: synth_model(models_dir / f"{name}-q8_0.gguf", PRESETS[name], "q8_0", seed=3).path
+            for name in ("qwen35moe-tiny", "gemma4-tiny")}
+
+
+@pytest.mark.parametrize("preset", ["qwen35moe-tiny", "gemma4-tiny"])
+def test_hybrid_families_prefetch_and_compute_exactly(stand_in, hybrid_q8, open_engine, slot_budget, preset):
+    """Gated DeltaNet (qwen35moe) and Gemma 4 (scaled router input): two requests, as in a chat."""
+    path = hybrid_q8[preset]
+    prompts = [list(range(10, 40)), list(range(60, 20, -1))]
+    plain = open_engine(path, "rtx4060-laptop-8gb", "experts-on-host", ctx=256, threads=2)
+    reference = [plain.complete(p, 32, ignore_eos=True).tokens for p in prompts]
+    model = open_engine(path, "rtx4060-laptop-8gb", "rotary", ctx=256, threads=2, policy="lru",
+                        vram_budget=slot_budget(path, 2))
+    assert [model.complete(p, 32, ignore_eos=True).tokens for p in prompts] == reference
+    assert sum(s.prefetches for s in model.rotation.layer_stats()) > 0
+    assert model.rotation.rotator.totals().predicted > 0
