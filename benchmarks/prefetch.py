@@ -113,10 +113,11 @@ def prediction_cost(repetitions: int = 2000) -> tuple[tuple[float, float], tuple
         p = index.params
         with scheduler_plugin("cpu").open_model(index) as model:
             full, narrow = index.moe_layers[1], index.moe_layers[2]
-            for layer, width in ((full, p.n_embd), (narrow, 32)):
+            widths = {full: p.n_embd, narrow: 32}
+            for layer, width in widths.items():
                 weight = rng.normal(size=(p.n_expert, width)).astype(np.float32)
                 model.set_router(layer, Router(layer, weight, p.n_expert_used, "softmax"))
-            inputs = {layer: rng.normal(size=width).astype(np.float32) for layer, width in ((full, p.n_embd), (narrow, 32))}
+            inputs = {layer: rng.normal(size=width).astype(np.float32) for layer, width in widths.items()}
             runs: dict[int, list[float]] = {full: [], narrow: []}
             for _ in range(5):
                 for layer in (full, narrow):
