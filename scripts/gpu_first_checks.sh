@@ -4,7 +4,7 @@
 #   1 split assignment: GGML_CUDA_DISABLE_GRAPHS=1 GGML_SCHED_DEBUG=1, a 16- and a 128-token prompt; the
 #     plugin computes splits and every logit is finite
 #   2 rotation: CUDA graphs on, a copy budget that forces rotation, 1,024 tokens, three times; experts are
-#     admitted, no error, no device call on the copier's thread
+#     admitted or prefetched, no error, no device call on the copier's thread (prefetch waits reported)
 #   3 decode tok/s: experts-on-host, rotary with 0 slots, rotary with all slots (nsys statistics if present)
 #   4 prompt routing: a 512-token prompt (left to llama.cpp above 32 tokens) is counted in every layer
 #   5 copier: its measured GB/s and copy stalls at n_threads = cores and cores - 1
@@ -98,10 +98,12 @@ elif check == "2":
             g = e.complete(prompt(32), n_tokens, ignore_eos=True)
             s = e.rotation.plugin.stats()
             admitted = sum(x.admissions for x in e.rotation.layer_stats())
-            runs.append((len(g.tokens), admitted, s.off_thread_calls, g.decode_tokens_per_second))
-    ok = all(t == n_tokens and a > 0 and off == 0 for t, a, off, _ in runs)
-    result(ok, "; ".join(f"{t} tokens, {a} admitted, {off} copier-thread device calls, {r:.1f} tok/s"
-                         for t, a, off, r in runs))
+            prefetched = sum(x.prefetches for x in e.rotation.layer_stats())
+            runs.append((len(g.tokens), admitted, s.off_thread_calls, g.decode_tokens_per_second, prefetched,
+                         s.prefetch_stall_ns / 1e6))
+    ok = all(t == n_tokens and a + pf > 0 and off == 0 for t, a, off, _, pf, _ in runs)  # copies of either kind
+    result(ok, "; ".join(f"{t} tokens, {a} admitted, {off} copier-thread device calls, {r:.1f} tok/s, "
+                         f"{pf} prefetched (waits {w:.1f} ms)" for t, a, off, r, pf, w in runs))
 elif check == "3":
     n_tokens = 32 if cpu else 256
     parts = []
@@ -160,7 +162,7 @@ run_check() {  # number, title, expected, extra environment...
 
 run_check 1 "split assignment" "the plugin computes splits for both prompts; every logit finite" \
     GGML_CUDA_DISABLE_GRAPHS=1 GGML_SCHED_DEBUG=1
-run_check 2 "rotation with CUDA graphs" "three runs, all tokens, experts admitted, 0 copier-thread device calls"
+run_check 2 "rotation with CUDA graphs" "three runs, all tokens, experts admitted or prefetched, 0 copier-thread device calls"
 run_check 3 "decode tok/s" "all-slots rotary >= experts-on-host on a GPU; 1 sync and 3 transfers per split layer"
 if [ "$MODE" = gpu ] && command -v nsys >/dev/null; then
     nsys profile -o "${REPORT%.md}-nsys" --force-overwrite true "$PY" -c "$CHECK" 3 "$MODE" "$MODEL" >/dev/null 2>&1 \

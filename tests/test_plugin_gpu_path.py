@@ -243,3 +243,24 @@ def test_rotary_is_chosen_only_above_its_break_even(real_shapes_header):
     assert cost.choose(faster)[0] == "rotary"
     assert cost.choose(faster, rotary_runs=False)[0] != "rotary"
     assert "break-even" in cost.choose(listed)[1]
+
+
+@pytest.mark.gpu
+def test_gpu_prefetch_decides_as_the_simulator(wide_arch_models, load, tmp_path):
+    """Prefetch on a GPU: the copies land before their layer and the hits are the simulator's, exactly."""
+    from rotary_gguf.gguf import open_index
+    from rotary_gguf.profile import load_profile
+    from rotary_gguf.simulate import simulate
+    from rotary_gguf.trace import read_trace
+
+    path = wide_arch_models[("qwen3moe", "q8_0")]
+    budget = 2 * open_index(path).slot_bytes(0)
+    model = load(path, "rotary", 3, policy="hybrid", copy_budget=budget, trace=tmp_path / "gpu.rtrc")
+    model.complete(PROMPT, 48, ignore_eos=True)
+    stats = model.rotation.layer_stats()
+    hits = sum(s.device_pairs for s in stats)
+    assert sum(s.prefetches for s in stats) > 0 and model.rotation.plugin.stats().off_thread_calls == 0
+    model.close()
+    trace = read_trace(tmp_path / "gpu.rtrc")
+    result = simulate(trace, 3, "hybrid", load_profile("rtx4060-laptop-8gb"), budget_bytes=budget, prefetch=True)
+    assert hits / (trace.decode_steps * len(trace.header.layers) * trace.header.n_expert_used) == result.hit_rate
