@@ -122,4 +122,6 @@ def trace_show(trace_path: Path) -> None:
 
     t = read_trace(trace_path)
     prompts = sum(1 for phase, _ in t.steps if phase == "prompt")
-    click.echo(json.dumps(t.header.to_json() | {"prompt_steps": prompts, "decode_steps": t.decode_steps}, indent=1))
+    predicted = sum(1 for step in t.predictions if any(ids.size for ids in step.values()))
+    click.echo(json.dumps(t.header.to_json() | {"prompt_steps": prompts, "decode_steps": t.decode_steps,
+                                                "steps_with_predictions": predicted}, indent=1))
