@@ -196,7 +196,11 @@ static ggml_status graph_compute(ggml_backend_t backend, ggml_cgraph * graph) {
         first = last + 1;
         i = last;
     }
-    return compute_on_host(s, graph, first, graph->n_nodes);
+    const ggml_status status = compute_on_host(s, graph, first, graph->n_nodes);
+    // The chunks the copier filled meanwhile (a prefetch for the next layer, predicted at this split's start)
+    // go out now, so that their transfer overlaps what runs on the device before the next layer's split.
+    s.copier.pump(false);
+    return status;
 }
 
 static const char * backend_name(ggml_backend_t) {
