@@ -69,13 +69,14 @@ def _gate(logits: np.ndarray, gating: str) -> np.ndarray:
 def _values(index: ModelIndex, entry: TensorEntry) -> np.ndarray:
     """A tensor's values as float32, in ggml's shape reversed (rows first)."""
     path = index.files[entry.file] if index.files else index.path
-    raw = np.fromfile(path, dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
-    rows = int(np.prod(entry.shape[1:], dtype=np.int64))
     try:
+        raw = np.fromfile(path, dtype=np.uint8, count=entry.nbytes, offset=entry.offset)
+        rows = int(np.prod(entry.shape[1:], dtype=np.int64))
         values = dequantize(raw.reshape(rows, -1), GGMLQuantizationType(entry.type))
-    except (NotImplementedError, ValueError) as exc:
-        raise RouterError(f"{entry.name}: cannot read a {entry.type.name} router ({exc})") from None
-    return np.asarray(values, dtype=np.float32).reshape(*reversed(entry.shape))
+        return np.asarray(values, dtype=np.float32).reshape(*reversed(entry.shape))
+    except (NotImplementedError, ValueError, OSError) as exc:
+        raise RouterError(f"{entry.name}: cannot read a {entry.type.name} tensor of shape {entry.shape} "
+                          f"({exc})") from None
 
 
 def read_routers(index: ModelIndex, layers: list[int] | tuple[int, ...]) -> dict[int, Router]:

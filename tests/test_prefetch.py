@@ -192,3 +192,28 @@ def test_hybrid_families_prefetch_and_compute_exactly(stand_in, hybrid_q8, open_
     assert [model.complete(p, 32, ignore_eos=True).tokens for p in prompts] == reference
     assert sum(s.prefetches for s in model.rotation.layer_stats()) > 0
     assert model.rotation.rotator.totals().predicted > 0
+
+
+def test_a_router_that_cannot_be_read_leaves_the_model_running_without_prefetch(stand_in, tiny_model, open_engine,
+                                                                                slot_budget, monkeypatch, caplog):
+    """A router of a shape that does not fit is refused by name; at load that is one warning, and the
+    model runs with prefetch off."""
+    import rotary_gguf.runtime.scheduler as runtime_scheduler
+    from rotary_gguf.router import RouterError
+
+    index = open_index(tiny_model)
+    name = f"blk.{index.moe_layers[-1]}.ffn_gate_inp.weight"
+    tensors = tuple(t if t.name != name else type(t)(t.name, t.cls, t.layer, t.type, (t.shape[0], t.shape[1] + 1),
+                                                    t.offset, t.nbytes, t.file) for t in index.tensors)
+    with pytest.raises(RouterError, match=name):
+        read_routers(type(index)(index.path, index.file_size, index.params, tensors, index.experts, index.metadata,
+                                 index.files), index.moe_layers)
+
+    def refuse(*_):
+        raise RouterError(f"{name}: cannot read it")
+
+    monkeypatch.setattr(runtime_scheduler, "read_routers", refuse)
+    model = open_engine(tiny_model, "rtx4060-laptop-8gb", "rotary", ctx=256, threads=2, policy="lru",
+                        vram_budget=slot_budget(tiny_model, 2))
+    assert "no cross-layer prefetch" in caplog.text and not model.rotation.rotator.prefetching
+    assert len(model.complete(list(range(10, 30)), 8, ignore_eos=True).tokens) == 8
