@@ -10,7 +10,8 @@ rotator and the time of its decoded tokens' after_token calls is divided by thei
   native-call  the native call alone on pre-flattened routing (the runtime's after_recorded_token
                additionally takes the routing from the plugin's record, natively)
 Variants are interleaved, their order rotating every repetition. Prints mean ± sd per token and ratios,
-and checks that both make the same decisions (equal hit rates and bytes copied).
+and checks that both make the same decisions (equal hit rates and bytes copied): the native engine runs
+with the old module's policy numbers, since the defaults changed after it.
 
     .venv/bin/python benchmarks/decision_cost.py [--repetitions 7] [--decode-tokens 256] [--slots 38]
 """
@@ -25,11 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rotary_gguf.profile import load_profile
 from rotary_gguf.report import format_mean_sd
-from rotary_gguf.rotation import LayerShape, Rotator, make_policy
+from rotary_gguf.rotation import LayerShape, Policy, Rotator, make_policy
 from rotary_gguf.simulate import default_budget
 from rotary_gguf.trace import synthetic_trace
 
@@ -48,6 +50,15 @@ def old_rotation():
     sys.modules["old_rotation"] = module
     spec.loader.exec_module(module)
     return module
+
+
+def old_parameters(policy: Policy, old) -> Policy:
+    """The policy with the old module's numbers (its decay and prior weight; it had no admission margin), so
+    that both implementations decide alike; today's defaults came later (docs/rotation.md)."""
+    if policy.kind != "frequency":
+        return policy
+    weight = old.HYBRID_PRIOR_WEIGHT if policy.request_weight else 0.0
+    return replace(policy, decay=old.LFU_DECAY, request_weight=weight, calibration_weight=weight, admit_margin=0.0)
 
 
 def replay(make, trace, flat: bool) -> tuple[float, float, int]:
@@ -85,10 +96,11 @@ def main() -> None:
     new_layers = {layer: LayerShape(h.n_expert, h.n_expert_used, args.slots, h.slot_bytes[layer]) for layer in h.layers}
     old_layers = {layer: old.LayerShape(h.n_expert, h.n_expert_used, args.slots, h.slot_bytes[layer])
                   for layer in h.layers}
+    policy = old_parameters(make_policy(args.policy, new_layers), old)
     variants = {
         "python": (lambda: old.Rotator(old_layers, old.make_policy(args.policy, old_layers), lambda: budget), False),
-        "native": (lambda: Rotator(new_layers, make_policy(args.policy, new_layers), lambda: budget), False),
-        "native-call": (lambda: Rotator(new_layers, make_policy(args.policy, new_layers), lambda: budget), True),
+        "native": (lambda: Rotator(new_layers, policy, lambda: budget), False),
+        "native-call": (lambda: Rotator(new_layers, policy, lambda: budget), True),
     }
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
