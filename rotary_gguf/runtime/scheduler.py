@@ -103,8 +103,8 @@ def open_scheduler(index: ModelIndex, placement: Placement, profile: Profile, op
 def _set_routers(index: ModelIndex, model: rotary_plugin.ModelScheduler) -> bool:
     """Give the plugin the MoE layers' routers, for cross-layer prediction; False when they cannot be read
     (the model then runs without prefetch)."""
-    try:
-        routers = read_routers(index, model.layers)
+    try:  # not the NextN (MTP) blocks: llama.cpp does not run them when decoding
+        routers = read_routers(index, [layer for layer in model.layers if layer not in index.nextn_layers])
     except RouterError as exc:
         log.warning("no cross-layer prefetch: %s", exc)
         return False
