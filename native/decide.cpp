@@ -434,14 +434,13 @@ struct rotary_decide {
         if (l.n_slots == 0 || recall[r] < prefetch_params.min_recall) {
             return 0;
         }
-        // The row's slots give way as to an admission, except those being copied or holding a predicted expert.
+        // The row's slots give way as to an admission (victims), except those holding a predicted expert.
         factor[r] = frequency() ? decay_to(step - decayed_to[r]) : 1.;
-        double * v = &victim_value[(size_t) r * depth];
+        victims_ready[r] = 0;
+        victims(r);
         for (int k = 0; k < depth; k++) {
-            const size_t at = (size_t) r * depth + k;
-            const int32_t e = expert_in[at];
-            const bool keep = busy[at] || (e >= 0 && std::find(ids, ids + n, e) != ids + n);
-            v[k] = keep ? kInf : e >= 0 ? value(r, e) : -kInf;
+            const int32_t e = expert_in[(size_t) r * depth + k];
+            victim_used[(size_t) r * depth + k] = e >= 0 && std::find(ids, ids + n, e) != ids + n;
         }
         // An even share of what is left for this row and the rows after it (predictions come in layer order),
         // so that the first layers do not take a tight budget whole.
@@ -452,8 +451,8 @@ struct rotary_decide {
             if (slot_of[(size_t) r * width + e] >= 0 || incoming(l.layer, e) || prefetched_n[r] >= width) {
                 continue;
             }
-            const int slot = (int) (std::min_element(v, v + depth) - v);
-            if ((int64_t) l.slot_bytes > room || v[slot] == kInf) {
+            const int slot = next_victim(r);
+            if (slot < 0 || victim_value[(size_t) r * depth + slot] == kInf || (int64_t) l.slot_bytes > room) {
                 break;
             }
             const size_t at = (size_t) r * depth + slot;
@@ -465,7 +464,7 @@ struct rotary_decide {
             }
             expert_in[at] = e;
             slot_of[(size_t) r * width + e] = slot;
-            v[slot] = kInf;
+            victim_used[at] = 1;
             room -= (int64_t) l.slot_bytes;
             prefetched_bytes += l.slot_bytes;
             counter.prefetches++;
